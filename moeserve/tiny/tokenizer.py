@@ -1,0 +1,120 @@
+"""A small byte-level BPE tokenizer built offline for tiny test checkpoints.
+
+Real checkpoints ship tokenizers we cannot download in tests, so we train one
+locally from text that ships with Python itself (stdlib docstrings). Byte-level
+pre-tokenisation means any UTF-8 string round-trips exactly, which is what the
+serving tests need; the quality of the merges is irrelevant.
+
+Chat: ``eos_token`` stays ``<|endoftext|>`` (also the pad token). Chat turns end
+with ``<|im_end|>``; generation stops on it because the tiny checkpoints'
+``generation_config.json`` lists both ids as ``eos_token_id``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+BOS = "<s>"
+SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END, BOS)
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# A fixed, sorted list so the corpus, hence the vocabulary, is identical across runs.
+# Docstrings can change between Python releases, so ids are stable per Python version.
+_CORPUS_MODULES: tuple[str, ...] = (
+    "collections",
+    "functools",
+    "itertools",
+    "json",
+    "pathlib",
+    "re",
+    "string",
+    "textwrap",
+)
+_CORPUS_BUILTINS: tuple[type, ...] = (bytes, dict, float, int, list, set, str, tuple)
+_CORPUS_SENTENCES: tuple[str, ...] = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, world! How are you today?",
+    "You are a helpful assistant.",
+    "Mixture of experts models route each token to a few experts.",
+    "The capital of France is Paris.",
+    "Once upon a time, there was a small language model.",
+)
+
+def _corpus() -> list[str]:
+    """Return deterministic training text taken from the running Python's stdlib."""
+    texts: list[str] = list(_CORPUS_SENTENCES)
+    for name in _CORPUS_MODULES:
+        module = importlib.import_module(name)
+        texts.append(inspect.getdoc(module) or "")
+        for attr in sorted(dir(module)):
+            if attr.startswith("_"):
+                continue
+            doc = inspect.getdoc(getattr(module, attr))
+            if doc:
+                texts.append(doc)
+    for cls in _CORPUS_BUILTINS:
+        texts.append(inspect.getdoc(cls) or "")
+        for attr in sorted(vars(cls)):
+            if not attr.startswith("_"):
+                texts.append(inspect.getdoc(getattr(cls, attr)) or "")
+    return [t for t in texts if t]
+
+
+def _train(vocab_size: int) -> Tokenizer:
+    """Train the raw `tokenizers` BPE model; specials take the first ids."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok
+
+
+def build_tokenizer(out_dir: Path | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Build the tiny tokenizer; save it to ``out_dir`` when given.
+
+    ``vocab_size`` must leave room for the 256 byte symbols plus the specials.
+    """
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+    raw = _train(vocab_size)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token=BOS,
+        eos_token=ENDOFTEXT,
+        pad_token=ENDOFTEXT,
+        additional_special_tokens=[IM_START, IM_END],
+        clean_up_tokenization_spaces=False,
+        model_max_length=512,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    logger.debug("built tiny tokenizer with %d tokens", len(tok))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(out_dir)
+    return tok

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny checkpoints of every architecture, made once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moeserve.tiny import TINY_ARCHS, make_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A function arch -> directory of that tiny checkpoint (built on first request, then reused)."""
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = make_tiny(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), seed=0)
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(params=TINY_ARCHS)
+def arch(request) -> str:
+    return request.param
