@@ -1,0 +1,107 @@
+"""The `moeserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_ARCH = "olmoe"
+
+
+def default_model_dir() -> Path:
+    """The built-in default model: a tiny random-weight checkpoint, made on first use and cached."""
+    from moeserve.tiny import make_tiny
+
+    cache = Path(os.environ.get("MOESERVE_CACHE", Path.home() / ".cache" / "moeserve"))
+    model_dir = cache / f"tiny-{DEFAULT_ARCH}"
+    if not (model_dir / "config.json").exists():
+        logging.getLogger(__name__).info("making the built-in tiny %s model in %s", DEFAULT_ARCH, model_dir)
+        make_tiny(DEFAULT_ARCH, model_dir)
+    return model_dir
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from moeserve.tiny import make_tiny
+
+    path = make_tiny(args.arch, args.out_dir, seed=args.seed)
+    print(path)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from moeserve.engine import LLM, SamplingParams
+
+    model = args.model or default_model_dir()
+    llm = LLM(
+        model, dtype=args.dtype, device=args.device, seed=args.seed,
+        num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
+    )  # fmt: skip
+    params = SamplingParams(
+        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, seed=args.sampling_seed, max_tokens=args.max_tokens,
+        stop=args.stop or [], ignore_eos=args.ignore_eos,
+    )  # fmt: skip
+    prompts = args.prompt or ["The Python language"]
+    if args.chat:
+        prompts = [
+            llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    for out in llm.generate(prompts, params, use_tqdm=True):
+        for completion in out.outputs:
+            print(f"--- prompt: {out.prompt!r} [{completion.index}] finish={completion.finish_reason}")
+            print(completion.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moeserve.tiny import TINY_ARCHS
+
+    parser = argparse.ArgumentParser(prog="moeserve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight Hugging Face checkpoint for tests and demos")
+    tiny.add_argument("arch", choices=TINY_ARCHS)
+    tiny.add_argument("out_dir", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_make_tiny)
+
+    gen = sub.add_parser("generate", help="generate text offline with the engine (batched, paged KV cache)")
+    gen.add_argument("--model", type=Path, help="Hugging Face model directory (default: the built-in tiny model)")
+    gen.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--n", type=int, default=1, help="completions per prompt")
+    gen.add_argument("--stop", action="append", help="stop string; repeatable")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (reproducible sampling)")
+    gen.add_argument("--seed", type=int, default=0, help="engine seed")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--num-kv-blocks", type=int, default=None)
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:  # bad input: say what, without a traceback
+        print(f"moeserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Engine configuration: a few small dataclasses, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    # Number of KV blocks; None: as many as kv_cache_memory_fraction of the free device memory holds
+    # (on CPU, of kv_cache_memory_bytes).
+    num_blocks: int | None = None
+    kv_cache_memory_fraction: float = 0.8
+    kv_cache_memory_bytes: int = 256 * 2**20  # CPU budget when num_blocks is not given
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {self.num_blocks}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64  # sequences running at once
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill chunks + decodes)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+
+
+@dataclass
+class EngineConfig:
+    model: str  # a Hugging Face model directory
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    cache: CacheConfig | None = None
+    scheduler: SchedulerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        self.cache = self.cache or CacheConfig()
+        self.scheduler = self.scheduler or SchedulerConfig()
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]

@@ -1,0 +1,76 @@
+"""Gives sequences the KV blocks they need, and finds the blocks an earlier sequence already filled."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from moeserve.engine.block_pool import BlockPool
+from moeserve.engine.sequence import Sequence
+
+
+def block_hashes(token_ids: list[int], block_size: int, adapter: str | None, count: int) -> list[Hashable]:
+    """Prefix keys of the first `count` full blocks: each covers its tokens, everything before, and the adapter."""
+    hashes: list[Hashable] = []
+    parent: Hashable = ("adapter", adapter)
+    for i in range(count):
+        parent = hash((parent, tuple(token_ids[i * block_size : (i + 1) * block_size])))
+        hashes.append(parent)
+    return hashes
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """More blocks `seq` needs to hold its first `num_tokens` tokens."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def use_cached_prefix(self, seq: Sequence) -> int:
+        """Attaches the cached blocks of seq's longest cached prefix; returns how many tokens they hold.
+
+        The last token is always left to compute, so the step that admits the sequence produces its logits.
+        """
+        if not self.enable_prefix_caching or seq.block_table:
+            return 0
+        full = (seq.num_tokens - 1) // self.block_size
+        for block_hash in block_hashes(seq.token_ids, self.block_size, seq.adapter, full):
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            self.pool.share(block)
+            seq.block_table.append(block)
+        seq.num_cached_blocks = len(seq.block_table)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        if seq.num_preemptions == 0:
+            seq.num_prefix_cached_tokens = seq.num_computed_tokens
+        return seq.num_computed_tokens
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grows seq's block table to hold `num_tokens` tokens; False (and no change) when blocks run short."""
+        needed = self.blocks_needed(seq, num_tokens)
+        if needed > self.pool.num_free:
+            return False
+        seq.block_table.extend(self.pool.allocate() for _ in range(needed))
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Registers the blocks that the last step filled, so later sequences can share them."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        if full <= seq.num_cached_blocks:
+            return
+        hashes = block_hashes(seq.token_ids, self.block_size, seq.adapter, full)
+        for i in range(seq.num_cached_blocks, full):
+            self.pool.register(seq.block_table[i], hashes[i])
+        seq.num_cached_blocks = full
+
+    def free(self, seq: Sequence) -> None:
+        # Tail blocks first, so they are the first evicted: a prefix is worth more than its continuation.
+        self.pool.free(reversed(seq.block_table))
+        seq.block_table = []
+        seq.num_cached_blocks = 0
+        seq.num_computed_tokens = 0
