@@ -1,0 +1,1 @@
+"""Training of adapters on transformers models and Trainer (installed as `moeserve.training`)."""
