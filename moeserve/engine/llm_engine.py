@@ -14,7 +14,7 @@ from moeserve.engine.detokenizer import IncrementalDetokenizer
 from moeserve.engine.kv_cache import default_num_blocks
 from moeserve.engine.kv_cache_manager import KVCacheManager
 from moeserve.engine.model_runner import ModelRunner
-from moeserve.engine.outputs import CompletionOutput, RequestOutput
+from moeserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from moeserve.engine.sampler import Sampler
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.scheduler import Scheduler
@@ -168,4 +168,5 @@ class LLMEngine:
             new_text=new_text,
             new_token_ids=[token],
             num_cached_tokens=seq.num_prefix_cached_tokens,
+            metrics=RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time),
         )

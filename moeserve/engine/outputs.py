@@ -18,6 +18,13 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    arrival_time: float  # time.monotonic() when the request was added
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -27,3 +34,4 @@ class RequestOutput:
     new_text: str = ""  # text added since the previous output of this request
     new_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    metrics: RequestMetrics | None = None

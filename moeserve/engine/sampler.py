@@ -1,7 +1,8 @@
 """Chooses each sequence's next token from its logits, under that sequence's own sampling parameters.
 
-Order, as vLLM applies it: repetition penalty; then greedy argmax (temperature 0), or temperature, top-k, top-p,
-min-p and a draw from the remaining distribution (with the request's own generator when it has a seed).
+Order, as vLLM applies it: repetition, presence and frequency penalties; then greedy argmax (temperature 0), or
+temperature, top-k, top-p, min-p and a draw from the remaining distribution (with the request's own generator
+when it has a seed).
 Log-probabilities are those of the model's raw distribution (log_softmax of the logits), as vLLM returns them.
 """
 
@@ -20,14 +21,18 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # one per sequence; None where not asked for
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """CTRL-style: a seen token's logit is divided by the penalty when positive, multiplied when negative."""
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition penalty (CTRL-style, prompt and output: a seen token's logit is divided by it when positive,
+    multiplied when negative), then OpenAI's presence and frequency penalties (output tokens only)."""
     for row, seq in enumerate(seqs):
-        penalty = seq.params.repetition_penalty
-        if penalty != 1.0:
+        p = seq.params
+        if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
             values = logits[row, seen]
-            logits[row, seen] = torch.where(values > 0, values / penalty, values * penalty)
+            logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.output_token_ids:
+            counts = torch.bincount(torch.tensor(seq.output_token_ids), minlength=logits.shape[-1]).to(logits)
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits)
     return logits
 
 
@@ -53,7 +58,7 @@ class Sampler:
         """logits [n, V] float32 for the n sequences that sample this step."""
         want_logprobs = any(seq.params.logprobs is not None for seq in seqs)
         raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None  # [n, V]
-        logits = apply_repetition_penalty(logits.clone(), seqs)
+        logits = apply_penalties(logits.clone(), seqs)
         tokens = logits.argmax(dim=-1)  # [n]: final for greedy rows
         rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
         if rows:

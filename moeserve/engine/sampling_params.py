@@ -13,6 +13,8 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens; 0 or -1: all
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already in the output
+    frequency_penalty: float = 0.0  # subtracted once per occurrence of the token in the output
     seed: int | None = None  # makes this request's sampling reproducible
     max_tokens: int | None = 16  # None: until the model's context is full
     stop: list[str] = field(default_factory=list)  # the output ends before the first of these strings
@@ -37,6 +39,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.logprobs is not None and self.logprobs < 0:

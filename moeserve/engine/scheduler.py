@@ -8,6 +8,7 @@ waiting queue, to be recomputed from its tokens so far (prompt and output), so n
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -82,6 +83,8 @@ class Scheduler:
                 self.kv.free(seq)  # give back the prefix blocks it took; it retries next step
                 break
             self.waiting.popleft()
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))

@@ -49,6 +49,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
 
