@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.adapters.manager import AdapterLimits
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,12 +53,14 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig | None = None
     scheduler: SchedulerConfig | None = None
+    adapters: AdapterLimits | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         self.cache = self.cache or CacheConfig()
         self.scheduler = self.scheduler or SchedulerConfig()
+        self.adapters = self.adapters or AdapterLimits()
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -8,8 +8,9 @@ from moeserve.engine.block_pool import BlockPool
 from moeserve.engine.sequence import Sequence
 
 
-def block_hashes(token_ids: list[int], block_size: int, adapter: str | None, count: int) -> list[Hashable]:
-    """Prefix keys of the first `count` full blocks: each covers its tokens, everything before, and the adapter."""
+def block_hashes(token_ids: list[int], block_size: int, adapter: Hashable | None, count: int) -> list[Hashable]:
+    """Prefix keys of the first `count` full blocks: each covers its tokens, everything before, and the adapter
+    version (the same prefix under two adapters, or two versions of one, is different KV)."""
     hashes: list[Hashable] = []
     parent: Hashable = ("adapter", adapter)
     for i in range(count):
@@ -36,7 +37,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching or seq.block_table:
             return 0
         full = (seq.num_tokens - 1) // self.block_size
-        for block_hash in block_hashes(seq.token_ids, self.block_size, seq.adapter, full):
+        for block_hash in block_hashes(seq.token_ids, self.block_size, seq.adapter_key, full):
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
@@ -63,7 +64,7 @@ class KVCacheManager:
         full = seq.num_computed_tokens // self.block_size
         if full <= seq.num_cached_blocks:
             return
-        hashes = block_hashes(seq.token_ids, self.block_size, seq.adapter, full)
+        hashes = block_hashes(seq.token_ids, self.block_size, seq.adapter_key, full)
         for i in range(seq.num_cached_blocks, full):
             self.pool.register(seq.block_table[i], hashes[i])
         seq.num_cached_blocks = full

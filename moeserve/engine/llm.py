@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from tqdm.auto import tqdm
 
+from moeserve.adapters.manager import AdapterLimits
 from moeserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from moeserve.engine.llm_engine import LLMEngine
 from moeserve.engine.outputs import RequestOutput
@@ -26,6 +27,12 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
+        max_adapters: int = 4,
+        max_cpu_adapters: int = 16,
+        max_lora_rank: int = 64,
+        max_lora_experts: int = 16,
+        esft_rows_per_layer: int | None = None,
+        adapters: dict[str, str] | None = None,
     ) -> None:
         config = EngineConfig(
             model=str(model),
@@ -36,8 +43,14 @@ class LLM:
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len
             ),
+            adapters=AdapterLimits(
+                max_slots=max_adapters, max_cpu_adapters=max_cpu_adapters, max_lora_rank=max_lora_rank,
+                max_lora_experts=max_lora_experts, esft_rows_per_layer=esft_rows_per_layer,
+            ),  # fmt: skip
         )
         self.engine = LLMEngine(config)
+        for name, path in (adapters or {}).items():
+            self.engine.adapters.register(name, path)
         self._ids = itertools.count()
 
     @property
@@ -49,21 +62,28 @@ class LLM:
         prompts: str | list[str] | list[list[int]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        adapter: str | None | list[str | None] = None,
     ) -> list[RequestOutput]:
-        """Generates for every prompt (all batched together); outputs in the order of the prompts."""
+        """Generates for every prompt (all batched together); outputs in the order of the prompts.
+
+        `adapter` names a registered adapter for all prompts, or one per prompt (None: the base model).
+        """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         params = sampling_params or SamplingParams()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
+        adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
         groups: list[list[str]] = []
-        for prompt, p in zip(prompts, per_prompt):
+        for prompt, p, name in zip(prompts, per_prompt, adapters):
             base = f"gen-{next(self._ids)}"
             ids = [f"{base}-{i}" for i in range(p.n)]
             for i, request_id in enumerate(ids):
                 seed = None if p.seed is None else p.seed + i
-                self.engine.add_request(request_id, prompt, replace(p, seed=seed), index=i)
+                self.engine.add_request(request_id, prompt, replace(p, seed=seed), adapter=name, index=i)
             groups.append(ids)
         finished: dict[str, RequestOutput] = {}
         total = sum(len(g) for g in groups)

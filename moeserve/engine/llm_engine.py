@@ -19,6 +19,7 @@ from moeserve.engine.sampler import Sampler
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.sequence import Sequence
+from moeserve.adapters.manager import AdapterManager
 from moeserve.models import load_model
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class LLMEngine:
                 f"{cache.block_size} tokens): lower max_model_len or give the cache more blocks"
             )
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(sched, self.kv)
+        self.adapters = AdapterManager(self.model, config.adapters)
+        self.scheduler = Scheduler(sched, self.kv, self.adapters)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, config.torch_dtype, self.device)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
@@ -98,7 +100,8 @@ class LLMEngine:
                 f"the prompt has {len(token_ids)} tokens; the model's context is {self.max_model_len} tokens "
                 "and at least one must be left to generate"
             )
-        seq = Sequence(request_id, token_ids, params, eos_token_ids=self.eos_token_ids, adapter=adapter)
+        ref = self.adapters.acquire(adapter) if adapter is not None else None  # UnknownAdapterError if unknown
+        seq = Sequence(request_id, token_ids, params, eos_token_ids=self.eos_token_ids, adapter=adapter, adapter_ref=ref)
         detok = IncrementalDetokenizer(
             self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
         )
@@ -109,7 +112,12 @@ class LLMEngine:
         """Ends the request now and frees its KV blocks; unknown or finished ids are ignored."""
         request = self.requests.pop(request_id, None)
         if request is not None:
-            self.scheduler.finish(request.seq, "abort")
+            self._finish(request.seq, "abort")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        if seq.adapter_ref is not None:
+            self.adapters.release(seq.adapter_ref)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -148,7 +156,7 @@ class LLMEngine:
         if stop_str is not None:
             reason, seq.stop_reason = "stop", stop_str
         if reason is not None:
-            self.scheduler.finish(seq, reason)
+            self._finish(seq, reason)
             del self.requests[seq.request_id]
         return RequestOutput(
             request_id=seq.request_id,

@@ -40,11 +40,13 @@ class ModelRunner:
         kv_lens: list[int] = []
         sample_indices: list[int] = []
         sample_seqs: list[Sequence] = []
+        adapter_slots: list[int] = []
         for item in batch.scheduled:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
+            adapter_slots.extend([seq.adapter_slot] * item.num_new_tokens)
             slots.extend(seq.block_table[p // size] * size + p % size for p in range(start, end))
             query_lens.append(item.num_new_tokens)
             kv_lens.append(end)
@@ -61,6 +63,7 @@ class ModelRunner:
             context_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            adapter_slot=torch.tensor(adapter_slots, dtype=torch.int32, device=dev) if any(adapter_slots) else None,
             query_lens=query_lens,
             kv_lens=kv_lens,
         )

@@ -12,9 +12,20 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from collections.abc import Hashable
+from typing import Protocol
+
 from moeserve.engine.config import SchedulerConfig
 from moeserve.engine.kv_cache_manager import KVCacheManager
 from moeserve.engine.sequence import Sequence, SequenceStatus
+
+
+class AdapterSlots(Protocol):
+    """Where the scheduler gets device slots for the adapters of the sequences it admits."""
+
+    def assign_slot(self, ref: Hashable, busy: set[int]) -> int | None:
+        """A slot holding ref, never taking one in `busy`; None when there is no room this step."""
+        ...
 
 
 @dataclass
@@ -40,9 +51,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, slots: AdapterSlots | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.slots = slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -74,9 +86,20 @@ class Scheduler:
             break  # seq itself was preempted: nothing newer is left to run
 
         # Then waiting sequences in order, while there is budget, room and memory (not in a step that had to
-        # preempt: memory is short, and the preempted sequence would come straight back).
+        # preempt: memory is short, and the preempted sequence would come straight back). A sequence whose adapter
+        # finds no device slot this step stays waiting and the next one is tried, so one step never holds more
+        # distinct adapters than there are slots.
+        busy = {s.adapter_slot for s in self.running if s.adapter_slot}
+        skipped: list[Sequence] = []
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if seq.adapter_ref is not None:
+                slot = self.slots.assign_slot(seq.adapter_ref, busy) if self.slots is not None else None
+                if slot is None:
+                    skipped.append(self.waiting.popleft())
+                    continue
+                seq.adapter_slot = slot
+                busy.add(slot)
             self.kv.use_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.allocate(seq, seq.num_computed_tokens + num_new):
@@ -89,6 +112,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))  # back in their places, ahead of the rest
         return out
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,8 @@ class Sequence:
     params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     adapter: str | None = None  # None: the base model
+    adapter_ref: Hashable | None = None  # the adapter version this request pinned (its prefix-cache key too)
+    adapter_slot: int = 0  # device slot of that version while running; 0: the base model
     arrival_time: float = field(default_factory=time.monotonic)
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: SequenceStatus = SequenceStatus.WAITING
@@ -59,6 +62,10 @@ class Sequence:
         self.token_ids = list(self.prompt_token_ids)
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def adapter_key(self) -> Hashable | None:
+        return self.adapter_ref if self.adapter_ref is not None else self.adapter
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moeserve.forward_context import get_forward_context
 from moeserve.kernels import ACTIVATIONS, fused_moe
 from moeserve.models.mlp import GatedMLP
 from moeserve.models.router import Router
@@ -33,12 +34,17 @@ class SparseMoeBlock(nn.Module):
             self.shared_experts = GatedMLP(hidden_size, spec.shared_intermediate_size, hidden_act, spec.shared_bias)
         if spec.shared_expert_gate:
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        # ESFT adapters' expert overlay (moeserve.adapters.expert_overlay), installed by the adapter manager.
+        self.overlay: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.gate(x)
-        out = fused_moe(
-            x, self.experts.gate_up_proj, self.experts.down_proj, routing.topk_weights, routing.topk_ids, self.hidden_act
-        )  # [T, H]
+        if self.overlay is None:
+            w13, w2, rows = self.experts.gate_up_proj, self.experts.down_proj, routing.topk_ids
+        else:
+            w13, w2 = self.overlay.w13, self.overlay.w2
+            rows = self.overlay.route(routing.topk_ids, get_forward_context().adapter_slot)
+        out = fused_moe(x, w13, w2, routing.topk_weights, rows, self.hidden_act)  # [T, H]
         if self.spec.shared_intermediate_size:
             shared = self.shared_experts(x)  # [T, H]
             if self.spec.shared_expert_gate:

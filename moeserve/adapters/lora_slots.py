@@ -1,0 +1,153 @@
+"""LoRA and LoRA-expert adapters served as deltas on one linear layer, for every adapter slot at once.
+
+A wrapped linear keeps the frozen base layer and stacked per-slot tables, allocated on the first adapter that
+targets it: LoRA experts `A [S+1, E, r, in]`, `B [S+1, E, out, r]` with their router `[S+1, E, in]`, and IA3
+vectors (MoV) `[S+1, E, dim]` with theirs. Slot 0 is the base model and stays empty. Adapters of smaller rank or
+fewer experts are zero-padded (a padded expert is never routed to), so ranks and expert counts coexist in one table.
+
+    y = W x + sum_k g_k(x) * scale * B[slot, k] (A[slot, k] x)      LoRA experts (plain LoRA: one expert, g = 1)
+    y = (W x) * sum_i g_i(W x) l[slot, i]                            IA3 experts on the output (keys, values)
+    y = W (x * sum_i g_i(x) l[slot, i])                              IA3 experts on the input (FFN intermediate)
+
+The routers are evaluated per slot on that slot's tokens (soft softmax, or top-k with optional renormalisation);
+the LoRA delta of all tokens is one grouped computation indexed by (slot, expert).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeserve.adapters.weights import ModuleWeights
+from moeserve.forward_context import get_forward_context
+from moeserve.kernels.moe_lora import moe_lora
+
+
+@dataclass
+class _SlotRouting:
+    num_experts: int
+    has_router: bool
+    top_k: int | None
+    renormalize: bool
+
+
+def _route(x: torch.Tensor, router: torch.Tensor | None, r: _SlotRouting) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ids and weights [n, K] for tokens x [n, D] of one slot (K = top_k, or all experts when soft)."""
+    n = x.shape[0]
+    if not r.has_router:
+        return torch.zeros(n, 1, dtype=torch.long, device=x.device), torch.ones(n, 1, device=x.device)
+    probs = (x @ router[: r.num_experts].t()).float().softmax(dim=-1)  # [n, E]
+    if r.top_k is None or r.top_k >= r.num_experts:
+        ids = torch.arange(r.num_experts, device=x.device).expand(n, -1)
+        return ids, probs
+    weights, ids = torch.topk(probs, r.top_k, dim=-1)
+    if r.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+class AdaptedLinear(nn.Module):
+    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int, max_experts: int) -> None:
+        super().__init__()
+        self.base = base
+        self.num_slots, self.max_rank, self.max_experts = num_slots, max_rank, max_experts
+        self.kind: list[str | None] = [None] * (num_slots + 1)  # per slot: "lora", "ia3_out", "ia3_in" or None
+        self.routing: list[_SlotRouting | None] = [None] * (num_slots + 1)
+        self.tables: dict[str, torch.Tensor] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def _table(self, name: str, *shape: int) -> torch.Tensor:
+        if name not in self.tables:
+            w = self.base.weight
+            self.tables[name] = torch.zeros(self.num_slots + 1, *shape, dtype=w.dtype, device=w.device)
+        return self.tables[name]
+
+    def load(self, slot: int, w: ModuleWeights) -> None:
+        num = w.num_experts
+        if num > self.max_experts:
+            raise ValueError(f"{num} experts exceed the configured maximum of {self.max_experts}")
+        self.unload(slot)
+        din, dout = self.in_features, self.out_features
+        if w.lora_a is not None:
+            rank = w.rank
+            if rank > self.max_rank:
+                raise ValueError(f"rank {rank} exceeds the configured maximum of {self.max_rank}")
+            self._table("lora_a", self.max_experts, self.max_rank, din)[slot, :num, :rank] = w.lora_a
+            self._table("lora_b", self.max_experts, dout, self.max_rank)[slot, :num, :, :rank] = w.lora_b
+            self._table("lora_scale")[slot] = w.scale
+            kind, router_name, router_dim = "lora", "lora_router", din
+        else:
+            kind = "ia3_in" if w.ia3_input else "ia3_out"
+            dim = din if w.ia3_input else dout
+            self._table(f"{kind}_vec", self.max_experts, dim)[slot, :num] = w.ia3
+            router_name, router_dim = f"{kind}_router", dim
+        if w.router is not None:
+            self._table(router_name, self.max_experts, router_dim)[slot, :num] = w.router
+        self.kind[slot] = kind
+        self.routing[slot] = _SlotRouting(num, w.router is not None, w.top_k, w.renormalize)
+
+    def unload(self, slot: int) -> None:
+        """Empties the slot (zeroed, so a padded read of it can never leak an old adapter)."""
+        for table in self.tables.values():
+            table[slot].zero_()
+        self.kind[slot] = None
+        self.routing[slot] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slots = get_forward_context().adapter_slot
+        if slots is None or not any(self.kind):
+            return self.base(x)
+        present = [s for s in torch.unique(slots).tolist() if self.kind[s] is not None]
+        if not present:
+            return self.base(x)
+        groups = {s: (slots == s).nonzero().squeeze(1) for s in present}  # slot -> its token indices
+        by_kind = {k: [s for s in present if self.kind[s] == k] for k in ("lora", "ia3_in", "ia3_out")}
+        if by_kind["ia3_in"]:
+            x_in = x.clone()
+            for s in by_kind["ia3_in"]:
+                x_in[groups[s]] = x[groups[s]] * self._ia3_scale("ia3_in", s, x[groups[s]])
+        else:
+            x_in = x
+        y = self.base(x_in)  # [T, out]
+        if by_kind["lora"]:
+            self._add_lora(x, y, slots, by_kind["lora"], groups)
+        for s in by_kind["ia3_out"]:
+            y[groups[s]] = y[groups[s]] * self._ia3_scale("ia3_out", s, y[groups[s]])
+        return y
+
+    def _ia3_scale(self, kind: str, slot: int, act: torch.Tensor) -> torch.Tensor:
+        """sum_i g_i(act) l[slot, i] for the activations act [n, dim] it will rescale: [n, dim]."""
+        routing = self.routing[slot]
+        ids, weights = _route(act, self.tables.get(f"{kind}_router", None)[slot] if routing.has_router else None,
+                              routing)  # fmt: skip
+        vectors = self.tables[f"{kind}_vec"][slot]  # [E, dim]
+        return torch.einsum("nk,nkd->nd", weights.to(act.dtype), vectors[ids])
+
+    def _add_lora(
+        self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, lora_slots: list[int], groups: dict
+    ) -> None:
+        ks = [self.routing[s].num_experts if self.routing[s].top_k is None else self.routing[s].top_k for s in lora_slots]
+        top_k = max(ks)
+        ids = torch.zeros(x.shape[0], top_k, dtype=torch.long, device=x.device)  # [T, K]
+        weights = torch.zeros(x.shape[0], top_k, dtype=torch.float32, device=x.device)  # [T, K]; 0 for base tokens
+        for s in lora_slots:
+            router = self.tables["lora_router"][s] if self.routing[s].has_router else None
+            s_ids, s_weights = _route(x[groups[s]], router, self.routing[s])
+            ids[groups[s], : s_ids.shape[1]] = s_ids
+            weights[groups[s], : s_weights.shape[1]] = s_weights
+        # Tokens of slots without LoRA here (base, or IA3-only) are masked to slot 0, which adds nothing.
+        lora_slot = torch.where(weights.sum(dim=-1) > 0, slots, torch.zeros_like(slots))
+        moe_lora(x, self.tables["lora_a"], self.tables["lora_b"], lora_slot, ids, weights, self.tables["lora_scale"], y)

@@ -1,0 +1,207 @@
+"""Reads an adapter directory into the tensors serving places, checked against the model it will run on.
+
+Tensor names (written by moeserve.training; see docs/training.md):
+- ESFT: `model.layers.{l}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.weight` for the trained experts, plus
+  `esft.scores.layer{l}` (not needed to serve).
+- LoRA (PEFT): `base_model.model.<module>.lora_A.weight [r, in]`, `.lora_B.weight [out, r]`.
+- LoRA-expert methods: `<module>.router.weight [E, in]` (absent: one expert, weight 1), `<module>.lora_A [E, r, in]`,
+  `<module>.lora_B [E, out, r]`, or for IA3 experts (MoV) `<module>.ia3 [E, dim]`, where dim is the module's output
+  size, or its input size for modules listed in config.ia3_scale_input.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from moeserve.adapters.config import WEIGHTS_NAME, AdapterConfig, AdapterError
+from moeserve.models.decoder import DecoderForCausalLM
+from moeserve.models.moe import SparseMoeBlock
+
+_ESFT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
+_EXPERT_KEY = re.compile(r"^(.+)\.(router\.weight|lora_A|lora_B|ia3)$")
+
+
+@dataclass
+class ModuleWeights:
+    """One adapted linear: E LoRA experts (or IA3 vectors) and the router that mixes them."""
+
+    lora_a: torch.Tensor | None = None  # [E, r, in]
+    lora_b: torch.Tensor | None = None  # [E, out, r]
+    ia3: torch.Tensor | None = None  # [E, dim]
+    ia3_input: bool = False  # IA3 scales the module's input (FFN intermediate) instead of its output
+    router: torch.Tensor | None = None  # [E, in | dim]; None: a single expert with weight 1 (plain LoRA)
+    top_k: int | None = None  # None: soft routing over all experts
+    renormalize: bool = False
+    scale: float = 1.0  # alpha / r for LoRA experts
+
+    @property
+    def num_experts(self) -> int:
+        table = self.lora_a if self.lora_a is not None else self.ia3
+        return table.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lora_a is None else self.lora_a.shape[1]
+
+
+@dataclass
+class LoadedAdapter:
+    config: AdapterConfig
+    path: Path
+    experts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # ESFT
+    modules: dict[str, ModuleWeights] = field(default_factory=dict)  # our module path -> its delta
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for layer in self.experts.values() for pair in layer.values() for t in pair]
+        for m in self.modules.values():
+            tensors += [t for t in (m.lora_a, m.lora_b, m.ia3, m.router) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    file = path / WEIGHTS_NAME
+    if not file.is_file():
+        raise AdapterError(f"adapter weights {file} are missing")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own types for truncated or corrupt files
+        raise AdapterError(f"cannot read {file}: {exc}") from exc
+
+
+def _expect(tensor: torch.Tensor, shape: tuple[int, ...], key: str) -> torch.Tensor:
+    if tuple(tensor.shape) != shape:
+        raise AdapterError(f"adapter tensor {key!r} has shape {tuple(tensor.shape)}, the base model needs {shape}")
+    if not torch.isfinite(tensor).all():
+        raise AdapterError(f"adapter tensor {key!r} holds NaN or infinite values")
+    return tensor
+
+
+def _linear(model: DecoderForCausalLM, hf_path: str, key: str) -> tuple[str, nn.Linear]:
+    path = model.checkpoint_key(hf_path)
+    module = dict(model.named_modules()).get(path)
+    if module is not None and not isinstance(module, nn.Linear):
+        module = getattr(module, "base", None)  # already wrapped by serving
+    if not isinstance(module, nn.Linear):
+        raise AdapterError(f"adapter tensor {key!r} targets {hf_path!r}, which is not a linear layer of the base model")
+    return path, module
+
+
+def load_adapter(path: str | Path, model: DecoderForCausalLM) -> LoadedAdapter:
+    """The adapter in `path`, validated for `model` (base fingerprint, tensor names and shapes)."""
+    path = Path(path)
+    config = AdapterConfig.load(path)
+    config.check_base(model.config)
+    tensors = _read(path)
+    adapter = LoadedAdapter(config, path)
+    if config.is_esft:
+        _load_esft(adapter, tensors, model)
+    elif config.method == "lora":
+        _load_peft_lora(adapter, tensors, model)
+    else:
+        _load_lora_experts(adapter, tensors, model)
+    return adapter
+
+
+def _load_esft(adapter: LoadedAdapter, tensors: dict[str, torch.Tensor], model: DecoderForCausalLM) -> None:
+    config = adapter.config
+    if config.train_shared_experts or config.train_non_expert_modules:
+        raise AdapterError(
+            "this ESFT adapter also trained shared experts or non-expert modules, which cannot be served as an expert "
+            "overlay; serve it as a merged model (moeserve esft export)"
+        )
+    blocks = {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, SparseMoeBlock)}
+    found: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith("esft.scores."):
+            continue
+        m = _ESFT_KEY.match(key)
+        if m is None:
+            raise AdapterError(f"unexpected tensor {key!r} in an ESFT adapter")
+        found.setdefault((int(m[1]), int(m[2])), {})[m[3]] = tensor
+    listed = {(int(layer), e) for layer, ids in (config.experts or {}).items() for e in ids}
+    if set(found) != listed:
+        missing, extra = sorted(listed - set(found)), sorted(set(found) - listed)
+        raise AdapterError(f"ESFT adapter tensors do not match its expert list: missing {missing}, unlisted {extra}")
+    for (layer, expert), parts in sorted(found.items()):
+        block = blocks.get(layer)
+        if block is None:
+            raise AdapterError(f"ESFT adapter trains experts of layer {layer}, which is not a MoE layer of the base")
+        num_experts, two_inter, hidden = block.experts.gate_up_proj.shape
+        inter = two_inter // 2
+        if expert >= num_experts:
+            raise AdapterError(f"ESFT adapter names expert {expert} of layer {layer}; the layer has {num_experts}")
+        prefix = f"model.layers.{layer}.mlp.experts.{expert}"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            if proj not in parts:
+                raise AdapterError(f"adapter tensor {prefix}.{proj}.weight is missing")
+        gate = _expect(parts["gate_proj"], (inter, hidden), f"{prefix}.gate_proj.weight")
+        up = _expect(parts["up_proj"], (inter, hidden), f"{prefix}.up_proj.weight")
+        down = _expect(parts["down_proj"], (hidden, inter), f"{prefix}.down_proj.weight")
+        adapter.experts.setdefault(layer, {})[expert] = (torch.cat([gate, up]), down)
+
+
+def _load_peft_lora(adapter: LoadedAdapter, tensors: dict[str, torch.Tensor], model: DecoderForCausalLM) -> None:
+    config = adapter.config
+    if config.extra.get("target_parameters"):
+        raise AdapterError("LoRA on fused expert parameters (PEFT target_parameters) is not supported for serving")
+    if config.extra.get("bias") not in (None, "none"):
+        raise AdapterError("LoRA adapters that train biases are not supported for serving")
+    rank = config.rank
+    scale = config.alpha / (math.sqrt(rank) if config.extra.get("use_rslora") else rank)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _PEFT_KEY.match(key)
+        if m is None:
+            raise AdapterError(f"unexpected tensor {key!r} in a LoRA adapter")
+        parts.setdefault(m[1], {})[m[2]] = tensor
+    for hf_path, ab in parts.items():
+        path, linear = _linear(model, hf_path, hf_path)
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise AdapterError(f"LoRA adapter has only {sorted(ab)} for {hf_path!r}")
+        a = _expect(ab["lora_A"], (ab["lora_A"].shape[0], linear.in_features), f"{hf_path}.lora_A.weight")
+        b = _expect(ab["lora_B"], (linear.out_features, a.shape[0]), f"{hf_path}.lora_B.weight")
+        adapter.modules[path] = ModuleWeights(lora_a=a[None], lora_b=b[None], scale=scale)
+
+
+def _load_lora_experts(adapter: LoadedAdapter, tensors: dict[str, torch.Tensor], model: DecoderForCausalLM) -> None:
+    config = adapter.config
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _EXPERT_KEY.match(key)
+        if m is None:
+            raise AdapterError(f"unexpected tensor {key!r} in a {config.method} adapter")
+        parts.setdefault(m[1], {})[m[2]] = tensor
+    ia3 = config.expert_kind == "ia3"
+    for hf_path, p in parts.items():
+        path, linear = _linear(model, hf_path, hf_path)
+        needed = {"ia3"} if ia3 else {"lora_A", "lora_B"}
+        if not needed <= set(p):
+            raise AdapterError(f"{config.method} adapter lacks {sorted(needed - set(p))} for {hf_path!r}")
+        w = ModuleWeights(top_k=config.top_k, renormalize=config.renormalize)
+        if ia3:
+            w.ia3_input = any(hf_path.endswith(s) for s in config.ia3_scale_input)
+            dim = linear.in_features if w.ia3_input else linear.out_features
+            num = p["ia3"].shape[0]
+            w.ia3 = _expect(p["ia3"], (num, dim), f"{hf_path}.ia3")
+            router_dim = dim
+        else:
+            num, rank = p["lora_A"].shape[:2]
+            w.lora_a = _expect(p["lora_A"], (num, rank, linear.in_features), f"{hf_path}.lora_A")
+            w.lora_b = _expect(p["lora_B"], (num, linear.out_features, rank), f"{hf_path}.lora_B")
+            w.scale = config.alpha / config.rank
+            router_dim = linear.in_features
+        if "router.weight" in p:
+            w.router = _expect(p["router.weight"], (num, router_dim), f"{hf_path}.router.weight")
+        elif num != 1:
+            raise AdapterError(f"{config.method} adapter has {num} experts but no router for {hf_path!r}")
+        adapter.modules[path] = w
