@@ -31,14 +31,24 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_pairs(values: list[str] | None) -> dict[str, Path]:
+    pairs: dict[str, Path] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter takes NAME=DIR, got {value!r}")
+        if name in pairs:
+            raise ValueError(f"--adapter {name!r} is given twice")
+        pairs[name] = Path(path)
+    return pairs
+
+
 def _generate(args: argparse.Namespace) -> int:
     from moeserve.engine import LLM, SamplingParams
+    from moeserve.engine.arg_utils import engine_config_from_args
 
     model = args.model or default_model_dir()
-    llm = LLM(
-        model, dtype=args.dtype, device=args.device, seed=args.seed,
-        num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
-    )  # fmt: skip
+    llm = LLM.from_engine_config(engine_config_from_args(str(model), args), _adapter_pairs(args.adapter))
     params = SamplingParams(
         n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, seed=args.sampling_seed, max_tokens=args.max_tokens,
@@ -50,14 +60,35 @@ def _generate(args: argparse.Namespace) -> int:
             llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts
         ]
-    for out in llm.generate(prompts, params, use_tqdm=True):
+    for out in llm.generate(prompts, params, use_tqdm=True, adapter=args.use_adapter):
         for completion in out.outputs:
             print(f"--- prompt: {out.prompt!r} [{completion.index}] finish={completion.finish_reason}")
             print(completion.text)
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from moeserve.engine.arg_utils import engine_config_from_args
+    from moeserve.server.app import ServerConfig
+    from moeserve.server.launch import build_server, serve
+
+    model = args.model or default_model_dir()
+    adapters = _adapter_pairs(args.adapter)
+    config = ServerConfig(
+        served_model_name=args.served_model_name or Path(model).name,
+        model_path=str(model),
+        api_key=args.api_key,
+        enable_adapter_loading=args.enable_adapter_loading,
+        allowed_adapter_dirs=list(args.allowed_adapter_dir),
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    app = build_server(engine_config_from_args(str(model), args), config, adapters, args.max_waiting)
+    serve(app, args.host, args.port, args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from moeserve.engine.arg_utils import add_engine_args
     from moeserve.tiny import TINY_ARCHS
 
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__)
@@ -84,12 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string; repeatable")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (reproducible sampling)")
-    gen.add_argument("--seed", type=int, default=0, help="engine seed")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--num-kv-blocks", type=int, default=None)
-    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--adapter", action="append", metavar="NAME=DIR", help="register an adapter; repeatable")
+    gen.add_argument("--use-adapter", metavar="NAME", help="generate with this registered adapter")
+    add_engine_args(gen)
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the base model and its adapters")
+    srv.add_argument("--model", type=Path, help="Hugging Face model directory (default: the built-in tiny model)")
+    srv.add_argument("--served-model-name", help="the base model's name in the API (default: the directory name)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--adapter", action="append", metavar="NAME=DIR", help="serve this adapter; repeatable")
+    srv.add_argument("--enable-adapter-loading", action="store_true",
+                     help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter")  # fmt: skip
+    srv.add_argument("--allowed-adapter-dir", action="append", type=Path, default=[],
+                     help="directory adapters may be loaded from over HTTP; repeatable")  # fmt: skip
+    srv.add_argument("--api-key", default=os.environ.get("MOESERVE_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1 routes (or MOESERVE_API_KEY)")  # fmt: skip
+    srv.add_argument("--max-waiting", type=int, default=None, help="refuse requests (429) beyond this many waiting")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get on shutdown")
+    add_engine_args(srv)
+    srv.set_defaults(func=_serve)
     return parser
 
 

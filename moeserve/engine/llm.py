@@ -48,6 +48,15 @@ class LLM:
                 max_lora_experts=max_lora_experts, esft_rows_per_layer=esft_rows_per_layer,
             ),  # fmt: skip
         )
+        self._start(config, adapters)
+
+    @classmethod
+    def from_engine_config(cls, config: EngineConfig, adapters: dict[str, str] | None = None) -> LLM:
+        llm = cls.__new__(cls)
+        llm._start(config, adapters)
+        return llm
+
+    def _start(self, config: EngineConfig, adapters: dict[str, str] | None) -> None:
         self.engine = LLMEngine(config)
         for name, path in (adapters or {}).items():
             self.engine.adapters.register(name, path)

@@ -1,0 +1,159 @@
+"""The FastAPI application: OpenAI-compatible routes, adapter management, health, version and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from moeserve import __version__
+from moeserve.adapters import AdapterError
+from moeserve.adapters.manager import UnknownAdapterError
+from moeserve.server.async_engine import AsyncEngine
+from moeserve.server.errors import APIError, api_error_handler, error_response, validation_error_handler
+from moeserve.server.metrics import ServerMetrics
+from moeserve.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    LoadAdapterRequest,
+    ModelCard,
+    ModelList,
+    UnloadAdapterRequest,
+)
+from moeserve.server.serving import OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    model_path: str
+    api_key: str | None = None
+    enable_adapter_loading: bool = False  # the load/unload routes (vLLM's --enable-lora runtime updating)
+    allowed_adapter_dirs: list[Path] = field(default_factory=list)  # load_lora_adapter paths must be inside one
+    shutdown_timeout: float = 30.0  # seconds running requests get to finish on shutdown
+
+    def allowed_path(self, raw: str) -> Path:
+        """The adapter path, resolved, if it lies inside an allowed directory; 400 otherwise."""
+        path = Path(raw).expanduser().resolve()
+        for root in self.allowed_adapter_dirs:
+            if path == root.resolve() or root.resolve() in path.parents:
+                return path
+        raise APIError(400, f"adapter path {raw!r} is outside the allowed adapter directories", "lora_path")
+
+
+def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    metrics = ServerMetrics(config.served_model_name)
+    serving = OpenAIServing(engine, config.served_model_name)
+    engine.on_step = lambda outputs, _started: metrics.observe_step(engine.engine, outputs)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await engine.drain(config.shutdown_timeout)
+        engine.shutdown()
+
+    app = FastAPI(title="moeserve", version=__version__, lifespan=lifespan)
+    app.state.async_engine = engine
+    app.add_exception_handler(APIError, api_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+
+    @app.middleware("http")
+    async def require_api_key(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1"):
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+                return error_response(401, "invalid or missing API key")
+        return await call_next(request)
+
+    async def with_disconnect_abort(request: Request, work):
+        """Runs a non-streaming handler; a client that goes away cancels it, which aborts its engine requests."""
+        task = asyncio.ensure_future(work)
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.1)
+            if not done and await request.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return Response(status_code=499)
+        return task.result()
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+    async def completions(req: CompletionRequest, request: Request):
+        if req.stream:
+            return StreamingResponse(await serving.completion_stream(req), media_type="text/event-stream")
+        return await with_disconnect_abort(request, serving.completion(req))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        if req.stream:
+            return StreamingResponse(await serving.chat_stream(req), media_type="text/event-stream")
+        return await with_disconnect_abort(request, serving.chat(req))
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def models() -> ModelList:
+        max_len = engine.engine.max_model_len
+        cards = [ModelCard(id=config.served_model_name, root=config.model_path, max_model_len=max_len)]
+        for info in engine.engine.adapters.list():
+            cards.append(
+                ModelCard(id=info.name, root=str(info.path), parent=config.served_model_name, max_model_len=max_len)
+            )
+        return ModelList(data=cards)
+
+    @app.post("/v1/load_lora_adapter", responses=_ERRORS)
+    async def load_adapter(req: LoadAdapterRequest) -> Response:
+        if not config.enable_adapter_loading:
+            raise APIError(404, "adapter loading is disabled: start the server with --enable-adapter-loading")
+        if req.lora_name == config.served_model_name:
+            raise APIError(400, f"{req.lora_name!r} is the base model's name", "lora_name")
+        path = config.allowed_path(req.lora_path)
+        try:
+            await engine.call(lambda: engine.engine.adapters.register(req.lora_name, path))
+        except AdapterError as exc:
+            raise APIError(400, str(exc), "lora_path") from exc
+        logger.info("loaded adapter %s from %s", req.lora_name, path)
+        return Response(f"Success: adapter {req.lora_name} added", media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter", responses=_ERRORS)
+    async def unload_adapter(req: UnloadAdapterRequest) -> Response:
+        if not config.enable_adapter_loading:
+            raise APIError(404, "adapter loading is disabled: start the server with --enable-adapter-loading")
+        try:
+            await engine.call(lambda: engine.engine.adapters.unregister(req.lora_name))
+        except UnknownAdapterError as exc:
+            raise APIError(404, str(exc).strip("'\""), "lora_name") from exc
+        logger.info("unloaded adapter %s", req.lora_name)
+        return Response(f"Success: adapter {req.lora_name} removed", media_type="text/plain")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine._error is not None:
+            return error_response(503, f"engine loop died: {engine._error}")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": __version__})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        metrics.observe_step(engine.engine, [])  # gauges current even while idle
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,62 @@
+"""Starts the HTTP server: the engine, the adapters named at start, the app, uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from pathlib import Path
+
+import uvicorn
+
+from moeserve.engine.config import EngineConfig
+from moeserve.engine.llm_engine import LLMEngine
+from moeserve.server.app import ServerConfig, build_app
+from moeserve.server.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+
+def build_server(
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    adapters: dict[str, Path] | None = None,
+    max_waiting: int | None = None,
+):
+    engine = LLMEngine(engine_config)
+    for name, path in (adapters or {}).items():
+        engine.adapters.register(name, path)
+    return build_app(AsyncEngine(engine, max_waiting=max_waiting), server_config)
+
+
+def serve(app, host: str, port: int, log_level: str = "info") -> None:
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=30)
+
+
+class BackgroundServer:
+    """The app on a free loopback port in a background thread (tests, benchmarks, the demo)."""
+
+    def __init__(self, app, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.host, self.port = self.sock.getsockname()
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server failed to start")
+            threading.Event().wait(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()

@@ -1,0 +1,107 @@
+"""Prometheus metrics, under vLLM's names where vLLM has one, so dashboards and adapter-aware gateways work as is."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from moeserve.engine.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()  # one per server, so several servers can live in one process (tests)
+        labels = ["model_name"]
+        self.model_name = model_name
+        r = self.registry
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", labels, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", labels, registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", labels, registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", labels, registry=r)
+        self.request_success = Counter(
+            "vllm:request_success", "Finished requests, by finish reason.", [*labels, "finished_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to first token.", labels, buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds", "Time between output tokens.", labels, buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", labels, buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            "vllm:request_queue_time_seconds", "Time from arrival to first scheduling.", labels,
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.lora_info = Gauge(
+            "vllm:lora_requests_info", "Running and waiting adapters (labels); value: last update time.",
+            ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r,
+        )  # fmt: skip
+        self.adapters_resident = Gauge(
+            "moeserve:adapter_slots_resident", "Adapters resident in device slots.", labels, registry=r
+        )
+        self.adapter_slots = Gauge("moeserve:adapter_slots_total", "Device adapter slots.", labels, registry=r)
+        self.adapter_loads = Counter("moeserve:adapter_loads", "Adapter loads into device slots.", labels, registry=r)
+        self.adapter_evictions = Counter(
+            "moeserve:adapter_evictions", "Adapters evicted from device slots.", labels, registry=r
+        )
+        self._last_token_time: dict[str, float] = {}
+        self._lora_labels: tuple[str, str, str] | None = None
+        self._seen_loads = self._seen_evictions = 0
+        self._lock = threading.Lock()  # the engine thread and /metrics scrapes both update
+
+    def observe_step(self, engine, outputs: list[RequestOutput]) -> None:
+        """Called on the engine thread after each step (and with no outputs by /metrics, to refresh gauges)."""
+        with self._lock:
+            self._observe(engine, outputs)
+
+    def _observe(self, engine, outputs: list[RequestOutput]) -> None:
+        now, m = time.monotonic(), self.model_name
+        sched = engine.scheduler
+        self.running.labels(m).set(len(sched.running))
+        self.waiting.labels(m).set(len(sched.waiting))
+        self.kv_usage.labels(m).set(engine.kv.pool.usage)
+        for out in outputs:
+            rid = out.request_id
+            self.generation_tokens.labels(m).inc(len(out.new_token_ids))
+            last = self._last_token_time.get(rid)
+            arrival = out.metrics.arrival_time if out.metrics else now
+            if last is None:
+                self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))
+                self.ttft.labels(m).observe(now - arrival)
+                if out.metrics and out.metrics.first_scheduled_time is not None:
+                    self.queue_time.labels(m).observe(out.metrics.first_scheduled_time - arrival)
+            else:
+                self.itl.labels(m).observe(now - last)
+            self._last_token_time[rid] = now
+            if out.finished:
+                self._last_token_time.pop(rid, None)
+                self.request_success.labels(m, out.outputs[0].finish_reason or "unknown").inc()
+                self.e2e.labels(m).observe(now - arrival)
+        self._observe_adapters(engine)
+
+    def _observe_adapters(self, engine) -> None:
+        sched = engine.scheduler
+        running = ",".join(sorted({s.adapter for s in sched.running if s.adapter}))
+        waiting = ",".join(sorted({s.adapter for s in sched.waiting if s.adapter}))
+        manager, m = engine.adapters, self.model_name
+        labels = (str(manager.max_slots), running, waiting)
+        if labels != self._lora_labels:
+            if self._lora_labels is not None:
+                self.lora_info.remove(*self._lora_labels)
+            self._lora_labels = labels
+        self.lora_info.labels(*labels).set(time.time())
+        self.adapter_slots.labels(m).set(manager.max_slots)
+        self.adapters_resident.labels(m).set(len(manager.resident()))
+        stats = manager.stats
+        self.adapter_loads.labels(m).inc(stats.loads - self._seen_loads)
+        self.adapter_evictions.labels(m).inc(stats.evictions - self._seen_evictions)
+        self._seen_loads, self._seen_evictions = stats.loads, stats.evictions

@@ -1,0 +1,335 @@
+"""The completion and chat-completion handlers: request -> engine requests -> OpenAI responses or SSE chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from moeserve.adapters.manager import UnknownAdapterError
+from moeserve.engine.outputs import RequestOutput
+from moeserve.engine.sampling_params import SamplingParams
+from moeserve.engine.sequence import TokenLogprobs
+from moeserve.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from moeserve.server.errors import APIError
+from moeserve.server.protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    TopLogprob,
+    UsageInfo,
+)
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, served_model_name: str) -> None:
+        self.engine = engine
+        self.model_name = served_model_name
+        self.tokenizer = engine.engine.tokenizer
+
+    # --- shared ---
+
+    def resolve_adapter(self, model: str) -> str | None:
+        """The adapter a request's `model` field names (None: the base model); 404 for an unknown name."""
+        if model == self.model_name:
+            return None
+        if self.engine.engine.adapters.is_registered(model):
+            return model
+        raise APIError(404, f"the model {model!r} does not exist", "model")
+
+    def _params(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        try:
+            return req.sampling_params(max_tokens, logprobs)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+
+    async def _stream_choices(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, adapter: str | None
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of all n choices of one prompt, interleaved as they come (choice i has index i)."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            seed = None if params.seed is None else params.seed + i
+            try:
+                async for out in self.engine.generate(
+                    f"{request_id}-{i}", prompt, replace(params, seed=seed), adapter, index=i
+                ):
+                    await queue.put(out)
+            except BaseException as exc:
+                await queue.put(exc)
+                raise
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(params.n)]
+        done = 0
+        try:
+            while done < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise _api_error(item)
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # --- /v1/completions ---
+
+    def _completion_prompts(self, req: CompletionRequest) -> list[str | list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    def _check_completion(self, req: CompletionRequest) -> None:
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of other than n is not supported", "best_of")
+
+    async def completion(self, req: CompletionRequest) -> CompletionResponse:
+        self._check_completion(req)
+        adapter = self.resolve_adapter(req.model)
+        params = self._params(req, req.max_tokens, req.logprobs)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        prompts = self._completion_prompts(req)
+        finals: dict[tuple[int, int], RequestOutput] = {}
+
+        async def run(p_index: int, prompt) -> None:
+            async for out in self._stream_choices(f"{request_id}-{p_index}", prompt, params, adapter):
+                if out.finished:
+                    finals[(p_index, out.outputs[0].index)] = out
+
+        await asyncio.gather(*(run(i, p) for i, p in enumerate(prompts)))
+        choices, usage = [], UsageInfo()
+        for p_index in range(len(prompts)):
+            for i in range(params.n):
+                out = finals[(p_index, i)]
+                c = out.outputs[0]
+                text = c.text
+                if req.echo:
+                    text = (out.prompt or self.tokenizer.decode(out.prompt_token_ids)) + text
+                choices.append(
+                    CompletionChoice(
+                        index=p_index * params.n + i,
+                        text=text,
+                        logprobs=self._completion_logprobs(c.logprobs) if req.logprobs is not None else None,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                )
+                usage.completion_tokens += len(c.token_ids)
+            usage.prompt_tokens += len(finals[(p_index, 0)].prompt_token_ids)
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return CompletionResponse(id=request_id, model=req.model, choices=choices, usage=usage)
+
+    def _completion_logprobs(self, logprobs: list[TokenLogprobs] | None, offset: int = 0) -> CompletionLogprobs:
+        result = CompletionLogprobs()
+        for lp in logprobs or []:
+            text = self._token_text(lp.token_id)
+            result.tokens.append(text)
+            result.token_logprobs.append(lp.logprob)
+            result.top_logprobs.append({self._token_text(t): v for t, v in lp.top.items()})
+            result.text_offset.append(offset)
+            offset += len(text)
+        return result
+
+    async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
+        self._check_completion(req)
+        adapter = self.resolve_adapter(req.model)
+        params = self._params(req, req.max_tokens, req.logprobs)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        prompts = self._completion_prompts(req)
+        if len(prompts) != 1:
+            raise APIError(400, "streaming supports one prompt per request", "prompt")
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await self._sse(self._completion_chunks(request_id, created, req, prompts[0], params, adapter, include_usage))
+
+    async def _completion_chunks(self, request_id, created, req, prompt, params, adapter, include_usage):
+        usage = UsageInfo()
+        offsets = [0] * params.n
+        prompt_tokens = 0
+        async for out in self._stream_choices(request_id, prompt, params, adapter):
+            c = out.outputs[0]
+            prompt_tokens = len(out.prompt_token_ids)
+            logprobs = None
+            if req.logprobs is not None:
+                new = (c.logprobs or [])[len(c.logprobs or []) - len(out.new_token_ids) :]
+                logprobs = self._completion_logprobs(new, offsets[c.index]).model_dump()
+            offsets[c.index] += len(out.new_text)
+            if out.new_text or out.finished or logprobs:
+                choice = {"index": c.index, "text": out.new_text, "logprobs": logprobs,
+                          "finish_reason": c.finish_reason if out.finished else None,
+                          "stop_reason": c.stop_reason if out.finished else None}  # fmt: skip
+                yield {"id": request_id, "object": "text_completion", "created": created, "model": req.model,
+                       "choices": [choice]}  # fmt: skip
+            if out.finished:
+                usage.completion_tokens += len(c.token_ids)
+        if include_usage:
+            usage.prompt_tokens = prompt_tokens
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+            yield {"id": request_id, "object": "text_completion", "created": created, "model": req.model,
+                   "choices": [], "usage": usage.model_dump()}  # fmt: skip
+
+    # --- /v1/chat/completions ---
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        if req.tools:
+            raise APIError(400, "tools are not supported", "tools")
+        messages = []
+        for m in req.messages:
+            content = m.content
+            if isinstance(content, list):
+                if any(part.type != "text" for part in content):
+                    raise APIError(400, "only text content parts are supported", "messages")
+                content = "".join(part.text or "" for part in content)
+            messages.append({"role": m.role, "content": content or ""})
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=req.add_generation_prompt
+            )
+        except Exception as exc:  # jinja errors: the template rejected these messages
+            raise APIError(400, f"the chat template cannot render these messages: {exc}", "messages") from exc
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _chat_logprobs(self, logprobs: list[TokenLogprobs] | None) -> ChatLogprobs:
+        content = []
+        for lp in logprobs or []:
+            text = self._token_text(lp.token_id)
+            top = [
+                TopLogprob(token=self._token_text(t), logprob=v, bytes=list(self._token_text(t).encode()))
+                for t, v in lp.top.items()
+            ]
+            content.append(ChatTokenLogprob(token=text, logprob=lp.logprob, bytes=list(text.encode()), top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+    def _chat_setup(self, req: ChatCompletionRequest):
+        adapter = self.resolve_adapter(req.model)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._params(req, req.max_completion_tokens or req.max_tokens, logprobs)
+        return adapter, params, self._chat_prompt(req)
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        adapter, params, prompt = self._chat_setup(req)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        finals: dict[int, RequestOutput] = {}
+        async for out in self._stream_choices(request_id, prompt, params, adapter):
+            if out.finished:
+                finals[out.outputs[0].index] = out
+        choices, completion_tokens = [], 0
+        for i in range(params.n):
+            c = finals[i].outputs[0]
+            completion_tokens += len(c.token_ids)
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=ChatResponseMessage(content=c.text),
+                    logprobs=self._chat_logprobs(c.logprobs) if req.logprobs else None,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+        usage = UsageInfo(
+            prompt_tokens=len(prompt), completion_tokens=completion_tokens, total_tokens=len(prompt) + completion_tokens
+        )
+        return ChatCompletionResponse(id=request_id, model=req.model, choices=choices, usage=usage)
+
+    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
+        adapter, params, prompt = self._chat_setup(req)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await self._sse(self._chat_chunks(request_id, int(time.time()), req, prompt, params, adapter, include_usage))
+
+    async def _chat_chunks(self, request_id, created, req, prompt, params, adapter, include_usage):
+        def chunk(choices, usage=None):
+            body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                    "choices": choices}  # fmt: skip
+            if usage is not None:
+                body["usage"] = usage
+            return body
+
+        outputs = self._stream_choices(request_id, prompt, params, adapter)
+        first = await anext(outputs)  # the engine accepted the request: only now does the answer start
+        for i in range(params.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])  # fmt: skip
+        completion_tokens = 0
+        async for out in _prepend(first, outputs):
+            c = out.outputs[0]
+            logprobs = None
+            if req.logprobs:
+                new = (c.logprobs or [])[len(c.logprobs or []) - len(out.new_token_ids) :]
+                logprobs = self._chat_logprobs(new).model_dump()
+            if out.new_text or logprobs:
+                yield chunk([{"index": c.index, "delta": {"content": out.new_text}, "logprobs": logprobs,
+                              "finish_reason": None}])  # fmt: skip
+            if out.finished:
+                completion_tokens += len(c.token_ids)
+                yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason,
+                              "stop_reason": c.stop_reason}])  # fmt: skip
+        if include_usage:
+            usage = UsageInfo(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
+                              total_tokens=len(prompt) + completion_tokens)  # fmt: skip
+            yield chunk([], usage.model_dump())
+
+    # --- SSE ---
+
+    async def _sse(self, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+        """Server-sent events; the first chunk is produced before the response starts, so early errors are HTTP
+        errors, and later ones become an error event (the status line is already sent)."""
+        first = await anext(chunks)
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                yield f"data: {json.dumps(first)}\n\n"
+                async for body in chunks:
+                    yield f"data: {json.dumps(body)}\n\n"
+            except APIError as exc:
+                yield f"data: {json.dumps({'error': {'message': exc.message, 'code': exc.status}})}\n\n"
+            finally:
+                await chunks.aclose()
+            yield "data: [DONE]\n\n"
+
+        return events()
+
+
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _api_error(exc: BaseException) -> BaseException:
+    """Engine-side failures, in HTTP terms."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc))
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc))
+    if isinstance(exc, UnknownAdapterError):
+        return APIError(404, str(exc).strip("'\""), "model")
+    if isinstance(exc, ValueError):  # AdapterError included: the adapter cannot be used as asked
+        return APIError(400, str(exc))
+    return exc
