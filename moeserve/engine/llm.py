@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from tqdm.auto import tqdm
 
-from moeserve.adapters.manager import AdapterLimits
+from moeserve.adapters.manager import AdapterLimits, UnknownAdapterError
 from moeserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from moeserve.engine.llm_engine import LLMEngine
 from moeserve.engine.outputs import RequestOutput
@@ -86,6 +86,9 @@ class LLM:
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
         if len(adapters) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        for name in set(adapters) - {None}:
+            if not self.engine.adapters.is_registered(name):  # refuse before any prompt is queued
+                raise UnknownAdapterError(f"no adapter named {name!r} is loaded")
         groups: list[list[str]] = []
         for prompt, p, name in zip(prompts, per_prompt, adapters):
             base = f"gen-{next(self._ids)}"
