@@ -23,8 +23,8 @@ class MethodOptions:
 
     method: str
     target_modules: list[str] | None = None  # None: the method's default targets
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int | None = None  # None: the method's default (methods.md: MoLoRA/LoRAMoE 4, MoLA/LoRA 8)
+    alpha: float | None = None  # None: the method's default (LoRAMoE 32; MoLoRA, MoLA, LoRA 16)
     dropout: float = 0.0
     num_experts: int | list[int] | None = None  # LoRA experts per module, or per layer (MoLA)
     top_k: int | None = None  # None: the method's default (soft for molora/mov/loramoe, 2 for mola)

@@ -67,6 +67,9 @@ class AdapterConfig:
     renormalize: bool = False  # renormalise the top-k router weights (MoLA)
     expert_kind: str = "lora"  # "lora" (A, B matrices) or "ia3" (MoV's scaling vectors)
     num_world_experts: int = 0  # LoRAMoE: how many of the experts form the world-knowledge group
+    # MoV: module-name suffixes whose input (not output) the IA3 vectors scale, e.g. ["down_proj"] for the FFN
+    # intermediate activation, y = down_proj(x * l); every other target scales its output, y = W x * l.
+    ia3_scale_input: list[str] = field(default_factory=list)
 
     # ESFT.
     experts: dict[str, list[int]] | None = None  # decoder layer index (as a string) -> trained expert ids
@@ -87,7 +90,8 @@ class AdapterConfig:
             )
         if self.method in ESFT_METHODS and not self.experts:
             raise AdapterError(f"an {self.method} adapter must list its experts per layer")
-        if self.method not in ESFT_METHODS and (self.rank is None or self.rank < 1):
+        # IA3 experts (MoV) are vectors: they have no rank.
+        if self.method not in ESFT_METHODS and self.expert_kind != "ia3" and (self.rank is None or self.rank < 1):
             raise AdapterError(f"a {self.method} adapter needs a positive rank, got {self.rank}")
         if self.expert_kind not in ("lora", "ia3"):
             raise AdapterError(f"expert_kind must be 'lora' or 'ia3', got {self.expert_kind!r}")
