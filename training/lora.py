@@ -1,0 +1,89 @@
+"""Plain LoRA, trained and saved by PEFT itself so the adapter stays a PEFT adapter.
+
+`prepare` calls `peft.get_peft_model`, which injects the LoRA layers into the transformers model in place (the
+training loop trains that model); `save` calls PEFT's `save_pretrained`, then adds moeserve's own fields (method,
+base model name, base fingerprint, format version) to the safetensors header metadata of adapter_model.safetensors,
+where PEFT does not look and `AdapterConfig.load` does. `apply` is `PeftModel.from_pretrained`, so an adapter made
+by PEFT alone (no metadata) loads the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+
+from moeserve.adapters import FORMAT_VERSION, WEIGHTS_NAME, AdapterConfig, AdapterError, base_fingerprint
+from moeserve.training.method import MethodOptions
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DEFAULT_RANK = 8
+DEFAULT_ALPHA = 16.0
+
+
+class LoRAMethod:
+    """`lora`: one PEFT LoRA (rank r, alpha) on each target linear."""
+
+    name = "lora"
+
+    def __init__(self) -> None:
+        self._peft_model: PeftModel | None = None  # the PEFT wrapper of the model `prepare` adapted
+
+    def prepare(self, model: PreTrainedModel, options: MethodOptions, train_token_ids: list[list[int]]) -> AdapterConfig:
+        if options.num_experts is not None or options.top_k is not None:
+            raise ValueError("lora has no experts or router: drop --num-experts / --top-k")
+        targets = list(options.target_modules or DEFAULT_TARGETS)
+        rank = options.rank or DEFAULT_RANK
+        alpha = options.alpha if options.alpha is not None else DEFAULT_ALPHA
+        peft_config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=options.dropout, bias="none",
+            task_type="CAUSAL_LM",
+        )  # fmt: skip
+        self._peft_model = get_peft_model(model, peft_config)
+        return AdapterConfig(
+            method="lora",
+            base_model_name=model.name_or_path,
+            base_fingerprint=base_fingerprint(model.config),
+            target_modules=targets,
+            rank=rank,
+            alpha=float(alpha),
+        )
+
+    def aux_loss(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+    def save(self, model: PreTrainedModel, config: AdapterConfig, out_dir: Path) -> None:
+        peft_model = model if isinstance(model, PeftModel) else self._peft_model
+        if peft_model is None or (peft_model is not model and peft_model.get_base_model() is not model):
+            raise ValueError("this LoRA method did not prepare the model it is asked to save")
+        out_dir = Path(out_dir)
+        peft_model.save_pretrained(out_dir)
+        _add_metadata(out_dir / WEIGHTS_NAME, config)
+        logger.info("saved LoRA adapter (PEFT format) to %s", out_dir)
+
+    def apply(self, model: PreTrainedModel, config: AdapterConfig, adapter_dir: Path) -> PreTrainedModel:
+        config.check_base(model.config)
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        except RuntimeError as exc:  # PEFT reports tensors that do not fit the base model as a load_state_dict error
+            raise AdapterError(f"LoRA adapter {adapter_dir} does not fit this base model: {exc}") from exc
+        return peft_model.get_base_model()
+
+
+def _add_metadata(path: Path, config: AdapterConfig) -> None:
+    """Rewrites a safetensors file with moeserve's fields added to its header metadata (values must be strings)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    metadata.update(
+        method=config.method, base_model_name=config.base_model_name, moeserve_format_version=str(FORMAT_VERSION)
+    )
+    if config.base_fingerprint is not None:
+        metadata["base_fingerprint"] = config.base_fingerprint
+    save_file(load_file(str(path)), str(path), metadata=metadata)
