@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get on shutdown")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
+
+    from moeserve.training.cli import add_train_commands
+    from moeserve.training.esft.cli import add_esft_commands
+
+    add_train_commands(sub)
+    add_esft_commands(sub)
     return parser
 
 
