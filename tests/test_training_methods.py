@@ -91,7 +91,7 @@ def test_training_lowers_loss_and_the_adapter_reloads_exactly(tiny_dir, task_fil
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir(arch))
     base = AutoModelForCausalLM.from_pretrained(tiny_dir(arch))
     before, after = _mean_loss(base, tokenizer, task_file), _mean_loss(result.model, tokenizer, task_file)
-    assert after < 0.8 * before, f"{method} on {arch}: loss {before:.3f} -> {after:.3f}"
+    assert after < 0.3 * before, f"{method} on {arch}: loss {before:.3f} -> {after:.3f}"
     assert result.global_step == STEPS and 0 < result.trainable_params < result.total_params
 
     out = result.out_dir
