@@ -92,7 +92,9 @@ def test_fresh_experts_are_the_identity_and_initialised_as_the_papers(kind, scal
     else:
         assert torch.equal(layer.ia3, torch.ones_like(layer.ia3))
     big = nn.Linear(512, 64)
-    router = LoRAExpertsLinear(big, "lora", 64, 2, 2.0, top_k=None, renormalize=False, scale_input=False, dropout=0.0, layer=None).router
+    router = LoRAExpertsLinear(
+        big, "lora", 64, 2, 2.0, top_k=None, renormalize=False, scale_input=False, dropout=0.0, layer=None
+    ).router
     assert 0.018 < router.weight.std().item() < 0.022 and abs(router.weight.mean().item()) < 0.002
 
 
@@ -210,7 +212,7 @@ def test_targets_include_shared_experts_and_dense_mlps_never_fused_experts(tiny_
         "model.layers.2.mlp.shared_expert.gate_proj", "model.layers.2.mlp.shared_expert.up_proj",
     ]  # fmt: skip
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or n.endswith("router.weight") for n in trainable)
+    assert trainable and all(n.endswith((".lora_A", ".lora_B", ".router.weight")) for n in trainable)
     assert not model.model.layers[0].mlp.experts.gate_up_proj.requires_grad
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir("deepseek_v3"))
@@ -235,8 +237,8 @@ def test_saved_tensor_names_and_shapes_follow_the_serving_contract(tiny_dir):
         "model.layers.1.self_attn.k_proj.lora_B": [5, 32, 4],
     }
     model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"))
-    config = ExpertsConfig(kind="ia3", target_modules=["v_proj", "down_proj"], num_experts=6, ia3_scale_input=["down_proj"])
-    add_experts(model, config)
+    targets = ["v_proj", "down_proj"]
+    add_experts(model, ExpertsConfig(kind="ia3", target_modules=targets, num_experts=6, ia3_scale_input=["down_proj"]))
     shapes = {k: list(v.shape) for k, v in adapter_state_dict(model).items() if ".layers.0." in k}
     assert shapes == {
         "model.layers.0.self_attn.v_proj.router.weight": [6, 32],

@@ -166,7 +166,11 @@ def test_build_training_data_mixes_and_is_seeded(tmp_path, tokenizer):
 
 
 def test_pack_and_collate(tokenizer):
-    samples = [Sample([5, 6, 7], [IGNORE_INDEX, 6, 7], 1), Sample([8, 9], [IGNORE_INDEX, 9], 0), Sample([4] * 4, [IGNORE_INDEX] + [4] * 3, 1)]
+    samples = [
+        Sample([5, 6, 7], [IGNORE_INDEX, 6, 7], 1),
+        Sample([8, 9], [IGNORE_INDEX, 9], 0),
+        Sample([4] * 4, [IGNORE_INDEX] + [4] * 3, 1),
+    ]
     blocks = pack(samples, max_seq_len=5)
     assert [[len(s.input_ids) for s in b] for b in blocks] == [[3, 2], [4]]
     batch = PackedCollator(pad_token_id=0)([PackedDataset(blocks)[0], PackedDataset(blocks)[1]])
@@ -182,7 +186,7 @@ def test_pack_and_collate(tokenizer):
 def test_packing_does_not_leak_across_samples(tiny_dir, tokenizer, arch):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir(arch)).eval()
     texts = [("The quick brown fox", " jumps"), ("Hello, world!", " How are you"), ("Once upon", " a time")]
-    samples = [tokenize_record(Record(line=i, type=1, prompt=p, completion=c), tokenizer) for i, (p, c) in enumerate(texts)]
+    samples = [tokenize_record(Record(line=1, type=1, prompt=p, completion=c), tokenizer) for p, c in texts]
     [block] = pack(samples, max_seq_len=64)
     batch = PackedCollator(pad_token_id=0)([PackedDataset([block])[0]])
     with torch.no_grad():

@@ -26,7 +26,9 @@ ARCHS = ["llama", "qwen2_moe"]  # dense; MoE with a shared expert and a dense la
 # IA3 vectors only rescale activations: they need a larger step to move a random model as far in 30 steps.
 LEARNING_RATES = {"molora": 1e-2, "mov": 1e-1, "loramoe": 1e-2, "mola": 1e-2, "lora": 1e-2}
 STEPS = 30
-PAIRS = [("apple", "red"), ("banana", "yellow"), ("grass", "green"), ("sky", "blue"), ("coal", "black"), ("snow", "white")]
+PAIRS = [
+    ("apple", "red"), ("banana", "yellow"), ("grass", "green"), ("sky", "blue"), ("coal", "black"), ("snow", "white")
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,7 +43,9 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def task_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "colours.jsonl"
-    lines = [{"prompt": f"The colour of {k} is", "completion": f" {v}", "type": i % 2} for i, (k, v) in enumerate(PAIRS * 4)]
+    lines = [
+        {"prompt": f"The colour of {k} is", "completion": f" {v}", "type": i % 2} for i, (k, v) in enumerate(PAIRS * 4)
+    ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
@@ -100,7 +104,8 @@ def test_training_lowers_loss_and_the_adapter_reloads_exactly(tiny_dir, task_fil
     with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:
         keys = list(f.keys())
         saved = sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
-    adapter_suffixes = (".lora_A.weight", ".lora_B.weight") if method == "lora" else (".router.weight", ".lora_A", ".lora_B", ".ia3")
+    ours = (".router.weight", ".lora_A", ".lora_B", ".ia3")
+    adapter_suffixes = (".lora_A.weight", ".lora_B.weight") if method == "lora" else ours
     assert keys and all(k.endswith(adapter_suffixes) for k in keys)
     assert saved == result.trainable_params
     assert not any(".mlp.experts." in k for k in keys)  # fused routed experts are not targets
@@ -146,7 +151,8 @@ def test_method_configs_are_saved_for_serving(trained):
         for layer, experts in enumerate([2, 4, 6]):
             assert f.get_slice(f"model.layers.{layer}.self_attn.q_proj.router.weight").get_shape()[0] == experts
     loramoe = AdapterConfig.load(trained("loramoe", "qwen2_moe").out_dir)
-    assert (loramoe.num_experts, loramoe.num_world_experts, loramoe.rank, loramoe.alpha, loramoe.top_k) == (8, 2, 4, 32.0, None)
+    settings = (loramoe.num_experts, loramoe.num_world_experts, loramoe.rank, loramoe.alpha, loramoe.top_k)
+    assert settings == (8, 2, 4, 32.0, None)
     assert loramoe.target_modules == ["gate_proj", "up_proj", "down_proj"]
     mov = AdapterConfig.load(trained("mov", "qwen2_moe").out_dir)
     assert (mov.expert_kind, mov.num_experts, mov.rank, mov.ia3_scale_input) == ("ia3", 10, None, ["down_proj"])
@@ -177,8 +183,11 @@ def test_trainer_loss_on_a_packed_batch_equals_the_samples_alone(tiny_dir, task_
     method = get_method("mola")
     method.prepare(model, MethodOptions(method="mola", aux_loss_coef=0.0), [])
     data = build_training_data(tokenizer, DataConfig(task_file, max_seq_len=64))
-    args = _training_arguments(TrainArgs(MethodOptions(method="mola"), tiny_dir("qwen2_moe"), task_file, tmp_path), 1e-3)
-    trainer = AdapterTrainer(model=model, args=args, train_dataset=data.dataset, data_collator=data.collator, method=method)
+    train_args = TrainArgs(MethodOptions(method="mola"), tiny_dir("qwen2_moe"), task_file, tmp_path)
+    args = _training_arguments(train_args, 1e-3)
+    trainer = AdapterTrainer(
+        model=model, args=args, train_dataset=data.dataset, data_collator=data.collator, method=method
+    )
     block = data.dataset[0]
     assert len(block["sample_lengths"]) > 1
     batch = data.collator([block])
@@ -220,7 +229,21 @@ def test_cli_train_and_inspect(tiny_dir, task_file, tmp_path, capsys):
     args = parser.parse_args(["adapters", "inspect", str(out)])
     assert args.func(args) == 0
     printed = capsys.readouterr().out
-    assert "mola" in printed and config.base_fingerprint in printed and "layer 1: self_attn.q_proj 5, self_attn.v_proj 5" in printed
+    assert "mola" in printed and config.base_fingerprint in printed
+    assert "layer 1: self_attn.q_proj 5, self_attn.v_proj 5" in printed
     help_text = parser._subparsers._group_actions[0].choices["train"].format_help()
     for method in ("esft-gate", "esft-token", *METHODS):
         assert method in help_text
+
+
+def test_inspect_lists_esft_experts_per_layer(tiny_dir, tmp_path):
+    from adapter_factory import make_esft
+
+    out, _ = make_esft(tiny_dir("qwen2_moe"), tmp_path / "esft", seed=0, experts_per_layer=2)
+    info = inspect_adapter(out)
+    config = AdapterConfig.load(out)
+    assert info["method"] == "esft-gate"
+    assert info["experts_per_layer"] == {int(layer): ids for layer, ids in config.experts.items()}
+    assert sorted(info["experts_per_layer"]) == [0, 2]
+    assert all(len(ids) == 2 for ids in info["experts_per_layer"].values())
+    assert info["parameters"] == 2 * 2 * 3 * 32 * 64  # 2 layers x 2 experts x (gate, up, down) of [32, 64]

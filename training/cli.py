@@ -43,7 +43,7 @@ def _int_or_list(text: str) -> int | list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list of integers, got {text!r}") from exc
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from exc
     if not values:
         raise argparse.ArgumentTypeError("expected at least one expert count")
     return values[0] if len(values) == 1 and "," not in text else values
@@ -154,8 +154,7 @@ def run_train(args: argparse.Namespace) -> int:
     print(
         f"{result.method} adapter written to {result.out_dir}: {result.trainable_params:,} trainable parameters "
         f"({100 * result.trainable_share:.3f}% of {result.total_params:,}), {result.adapter_bytes / 1024:.1f} KiB, "
-        f"{result.global_step} steps in {result.wall_time_s:.1f} s, final loss "
-        + ("n/a" if result.final_loss is None else f"{result.final_loss:.4f}")
+        f"{result.global_step} steps in {result.wall_time_s:.1f} s, final loss {result.final_loss:.4f}"
     )
     return 0
 
@@ -191,7 +190,7 @@ def inspect_adapter(directory: str | Path) -> dict[str, Any]:
         info["experts_per_layer"] = dict(sorted(experts.items()))
         info |= {"expert_kind": config.expert_kind, "top_k": config.top_k, "rank": config.rank, "alpha": config.alpha}
     elif config.is_esft:
-        info["experts_per_layer"] = {int(layer): ids for layer, ids in sorted(config.experts.items(), key=lambda kv: int(kv[0]))}
+        info["experts_per_layer"] = dict(sorted((int(layer), ids) for layer, ids in config.experts.items()))
     else:
         info |= {"rank": config.rank, "alpha": config.alpha}
     return info

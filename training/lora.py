@@ -36,7 +36,9 @@ class LoRAMethod:
     def __init__(self) -> None:
         self._peft_model: PeftModel | None = None  # the PEFT wrapper of the model `prepare` adapted
 
-    def prepare(self, model: PreTrainedModel, options: MethodOptions, train_token_ids: list[list[int]]) -> AdapterConfig:
+    def prepare(
+        self, model: PreTrainedModel, options: MethodOptions, train_token_ids: list[list[int]]
+    ) -> AdapterConfig:
         if options.num_experts is not None or options.top_k is not None:
             raise ValueError("lora has no experts or router: drop --num-experts / --top-k")
         targets = list(options.target_modules or DEFAULT_TARGETS)

@@ -3,13 +3,13 @@
 MoLoRA, MoV, LoRAMoE and MoLA differ only in their `ExpertsConfig` (lora_experts.py): expert kind, default targets,
 expert count, rank/alpha, routing and auxiliary loss. Defaults follow methods.md and the reference code:
 
-| method  | experts          | targets                         | E                     | r / alpha | routing           | aux loss          |
-|---------|------------------|---------------------------------|-----------------------|-----------|-------------------|-------------------|
-| molora  | LoRA             | q, k, v, o, gate, up, down      | 10                    | 4 / 16    | soft              | -                 |
-| mov     | IA3 vectors      | k, v, down (its input)          | 10                    | -         | soft              | -                 |
-| loramoe | LoRA, 2 groups   | gate, up, down                  | 8 (6 task + 2 world)  | 4 / 32    | soft (top-k opt.) | localized, 0.1    |
-| mola    | LoRA             | q, k, v, o, gate, up, down      | inverted-triangle     | 8 / 16    | top-2, renormed   | Switch, 0.001     |
-| lora    | PEFT LoRA        | q, k, v, o                      | -                     | 8 / 16    | -                 | -                 |
+| method  | experts        | targets                    | E                 | r/alpha | routing         | aux loss     |
+|---------|----------------|----------------------------|-------------------|---------|-----------------|--------------|
+| molora  | LoRA           | q, k, v, o, gate, up, down | 10                | 4/16    | soft            | -            |
+| mov     | IA3 vectors    | k, v, down (its input)     | 10                | -       | soft            | -            |
+| loramoe | LoRA, 2 groups | gate, up, down             | 8 (6 + 2 world)   | 4/32    | soft (or top-k) | LBC 0.1      |
+| mola    | LoRA           | q, k, v, o, gate, up, down | inverted-triangle | 8/16    | top-2, renorm   | Switch 0.001 |
+| lora    | PEFT LoRA      | q, k, v, o                 | -                 | 8/16    | -               | -            |
 
 ESFT (`esft-gate`, `esft-token`) lives in training/esft/method.py and is imported only when asked for.
 """
@@ -119,7 +119,9 @@ def experts_config(name: str, options: MethodOptions, num_layers: int) -> Expert
     )
 
 
-def _to_adapter_config(name: str, config: ExpertsConfig, model: PreTrainedModel, allocation: str | None) -> AdapterConfig:
+def _to_adapter_config(
+    name: str, config: ExpertsConfig, model: PreTrainedModel, allocation: str | None
+) -> AdapterConfig:
     lora = config.kind == "lora"
     extra = {"aux_loss": config.aux_loss, "aux_loss_coef": config.aux_loss_coef, "dropout": config.dropout}
     if config.aux_loss == "lbc":
@@ -171,7 +173,9 @@ class LoRAExpertsMethod:
         self.name = name
         self.config: ExpertsConfig | None = None  # set by prepare / apply; the aux loss reads it
 
-    def prepare(self, model: PreTrainedModel, options: MethodOptions, train_token_ids: list[list[int]]) -> AdapterConfig:
+    def prepare(
+        self, model: PreTrainedModel, options: MethodOptions, train_token_ids: list[list[int]]
+    ) -> AdapterConfig:
         self.config = experts_config(self.name, options, model.config.num_hidden_layers)
         paths = add_experts(model, self.config)
         logger.info("%s: experts on %d modules (%s)", self.name, len(paths), ", ".join(self.config.target_modules))

@@ -93,7 +93,7 @@ class TrainResult:
     wall_time_s: float
     global_step: int
     train_loss: float  # mean over the run (Trainer's training_loss)
-    final_loss: float | None  # the last logged loss (mean over the last logging window)
+    final_loss: float  # the last logged loss (mean over the last logging window; the run's mean if none was logged)
     log_history: list[dict] = field(default_factory=list, repr=False)
     model: PreTrainedModel | None = field(default=None, repr=False)  # the trained model, in eval mode
 
@@ -220,9 +220,10 @@ def train(args: TrainArgs, callbacks: Sequence[TrainerCallback] = ()) -> TrainRe
         model.enable_input_require_grads()  # the frozen embeddings would otherwise cut the gradient at checkpoints
 
     lr = args.learning_rate if args.learning_rate is not None else DEFAULT_LEARNING_RATES[method_name]
+    training_args = _training_arguments(args, lr)
     trainer = AdapterTrainer(
         model=model,
-        args=_training_arguments(args, lr),
+        args=training_args,
         train_dataset=data.dataset,
         data_collator=data.collator,
         callbacks=list(callbacks),
@@ -230,9 +231,9 @@ def train(args: TrainArgs, callbacks: Sequence[TrainerCallback] = ()) -> TrainRe
     )
     resume_from = None
     if args.resume:
-        resume_from = get_last_checkpoint(str(Path(args.out) / CHECKPOINTS_DIR))
+        resume_from = get_last_checkpoint(training_args.output_dir)
         if resume_from is None:
-            logger.warning("--resume: no checkpoint in %s, starting from the beginning", Path(args.out) / CHECKPOINTS_DIR)
+            logger.warning("--resume: no checkpoint in %s, starting from the beginning", training_args.output_dir)
         else:
             logger.info("resuming from %s", resume_from)
     output = trainer.train(resume_from_checkpoint=resume_from)
@@ -251,15 +252,14 @@ def train(args: TrainArgs, callbacks: Sequence[TrainerCallback] = ()) -> TrainRe
         wall_time_s=time.perf_counter() - start,
         global_step=trainer.state.global_step,
         train_loss=output.training_loss,
-        final_loss=losses[-1] if losses else None,
+        final_loss=losses[-1] if losses else output.training_loss,
         log_history=list(trainer.state.log_history),
         model=model,
     )
     logger.info(
         "%s done in %.1f s, %d steps: %d trainable parameters (%.3f%% of %d), adapter %.1f KiB on disk in %s, "
-        "final loss %s (mean over the run %.4f)",
+        "final loss %.4f (mean over the run %.4f)",
         method_name, result.wall_time_s, result.global_step, trainable, 100 * result.trainable_share, total,
-        result.adapter_bytes / 1024, result.out_dir,
-        "n/a" if result.final_loss is None else f"{result.final_loss:.4f}", result.train_loss,
+        result.adapter_bytes / 1024, result.out_dir, result.final_loss, result.train_loss,
     )  # fmt: skip
     return result
