@@ -191,6 +191,8 @@ def _training_arguments(args: TrainArgs, lr: float) -> TrainingArguments:
         remove_unused_columns=False,  # the packing metadata reaches compute_loss, which removes it
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Trainer refuses --bf16 on a CPU-only machine unless told it is training on the CPU.
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
 
 
