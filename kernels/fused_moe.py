@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from moeserve.kernels.backend import use_triton
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -68,5 +70,14 @@ def fused_moe(
     topk_ids: torch.Tensor,
     activation: str = "silu",
 ) -> torch.Tensor:
-    """The engine's entry point; the Triton grouped-GEMM path plugs in here under the same signature."""
+    """Semantics: out[t] = sum_k topk_weights[t, k] * w2[e] @ (act(w13[e, :I] @ x[t]) * w13[e, I:] @ x[t]),
+    e = topk_ids[t, k].
+
+    hidden [T, H], w13 [R, 2I, H], w2 [R, H, I], topk_weights [T, K], topk_ids [T, K] int in [0, R).
+    Returns [T, H]. Triton on CUDA, the twin on CPU (see backend.py).
+    """
+    if use_triton(hidden):
+        from moeserve.kernels.fused_moe_triton import fused_moe_triton
+
+        return fused_moe_triton(hidden, w13, w2, topk_weights, topk_ids, activation)
     return fused_moe_torch(hidden, w13, w2, topk_weights, topk_ids, activation)

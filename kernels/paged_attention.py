@@ -1,0 +1,61 @@
+"""Decode attention straight from the paged KV cache: one query token per sequence, keys read through block tables.
+
+Semantics, per sequence b with L = context_lens[b]: the query q[b] sits at position L - 1 and attends to the cached
+positions max(0, L - sliding_window)..L-1 (all of 0..L-1 without a window), position i living in cache block
+block_tables[b, i // S] at offset i % S; query head h reads key/value head h // (Hq / Hkv) (grouped-query attention).
+Every sequence has L >= 1: a decode query's own key is in the cache before attention runs.
+
+MLA (DeepSeek) keeps the gather + varlen_attention_torch path in moeserve/models/mla.py for now.
+This module holds the pure-torch twin and the dispatcher; the Triton kernel is in paged_attention_triton.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeserve.kernels.attention import gather_kv, varlen_attention_torch
+from moeserve.kernels.backend import use_triton
+
+
+def paged_decode_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Pure-torch twin: gathers each sequence's keys and values through its block table, then causal attention.
+
+    q [B, Hq, D], k_cache [N, S, Hkv, D], v_cache [N, S, Hkv, Dv], block_tables [B, M] int32,
+    context_lens [B] int32 (>= 1). Returns [B, Hq, Dv] in q's dtype.
+    """
+    if q.shape[0] == 0:
+        return q.new_empty(0, q.shape[1], v_cache.shape[-1])
+    kv_lens = context_lens.tolist()
+    k = gather_kv(k_cache, block_tables, kv_lens)  # [sum(L), Hkv, D]
+    v = gather_kv(v_cache, block_tables, kv_lens)  # [sum(L), Hkv, Dv]
+    return varlen_attention_torch(q, k, v, [1] * q.shape[0], kv_lens, scale, sliding_window)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Semantics: out[b, h] = softmax_i(scale * q[b, h] . K_b[i, h // G]) @ V_b over the cached positions i of
+    sequence b in [max(0, L_b - sliding_window), L_b), L_b = context_lens[b], G = Hq / Hkv.
+
+    q [B, Hq, D], k_cache [N, S, Hkv, D], v_cache [N, S, Hkv, Dv], block_tables [B, M] int32, context_lens [B]
+    int32 (>= 1). Returns [B, Hq, Dv]. Triton on CUDA, the twin on CPU (see backend.py).
+    """
+    if use_triton(q):
+        from moeserve.kernels.paged_attention_triton import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
