@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from moeserve.tiny import TINY_ARCHS, make_tiny
+
+# The test models are tiny: a second intra-op thread only adds synchronisation (and, on a busy machine, OpenMP
+# spin-waits that made single files take minutes instead of seconds).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
