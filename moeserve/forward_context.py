@@ -58,6 +58,11 @@ class ForwardContext:
     def uses_cache(self) -> bool:
         return self.slot_mapping is not None
 
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence has exactly one query token (a pure decode step)."""
+        return all(q == 1 for q in self.query_lens)
+
     @classmethod
     def for_sequences(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> ForwardContext:
         """Context for whole sequences packed back to back, with no KV cache (prefill-only, tests, training)."""

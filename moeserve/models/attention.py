@@ -7,6 +7,7 @@ from torch import nn
 
 from moeserve.forward_context import get_forward_context
 from moeserve.kernels.attention import gather_kv, store_kv, varlen_attention_torch
+from moeserve.kernels.paged_attention import paged_decode_attention
 from moeserve.models.norm import RMSNorm
 from moeserve.models.rotary import RotaryEmbedding
 from moeserve.models.spec import AttentionSpec
@@ -52,6 +53,11 @@ class Attention(nn.Module):
                 raise RuntimeError("the forward context addresses a KV cache but none is allocated for this layer")
             store_kv(self.k_cache, k, ctx.slot_mapping)
             store_kv(self.v_cache, v, ctx.slot_mapping)
+            if ctx.is_decode:  # one query per sequence: read the cache in place (the Triton kernel on CUDA)
+                out = paged_decode_attention(
+                    q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale, spec.sliding_window
+                )
+                return self.o_proj(out.reshape(num_tokens, -1))
             k = gather_kv(self.k_cache, ctx.block_tables, ctx.kv_lens)
             v = gather_kv(self.v_cache, ctx.block_tables, ctx.kv_lens)
         out = varlen_attention_torch(q, k, v, ctx.query_lens, ctx.kv_lens, self.scale, spec.sliding_window)
