@@ -87,7 +87,7 @@ def markdown(report: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def plot(report: dict, out_dir: Path) -> list[Path]:
+def plot(report: dict, out_dir: Path, prefix: str = "serving") -> list[Path]:
     """One panel per system: output tokens/s against N, one line per adapter set; and moeserve / baseline ratios."""
     import matplotlib
 
@@ -97,8 +97,12 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     cells = report["cells"]
     labels = list(dict.fromkeys(c["label"] for c in cells))
     present = [s for s in SYSTEMS if any(s in c["systems"] for c in cells)]
-    fig, axes = plt.subplots(1, len(present), figsize=(4.6 * len(present), 4.2), sharey=True, squeeze=False)
-    for ax, system in zip(axes[0], present):
+    cols = 2 if len(present) > 1 else 1
+    rows = -(-len(present) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 3.9 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(present) :]:
+        ax.set_visible(False)
+    for ax, system in zip(axes.flat, present):
         for label in labels:
             pts = sorted((c["n"], c["systems"][system]["tok_s"]) for c in cells if c["label"] == label and system in c["systems"])
             if pts:
@@ -108,17 +112,18 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
         ax.set_title(system)
         ax.set_xlabel("concurrent requests N")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("output tokens/s")
-    axes[0][0].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("output tokens/s")
+    axes[0][0].legend(fontsize=7, ncol=2)
     c = report["config"]
     fig.suptitle(f"{Path(report['model']).name}, {c['device']} {c['dtype']}, prompt {c['prompt_len']} / output "
                  f"{c['out_len']} tokens, {report['machine']['date']}", fontsize=9)  # fmt: skip
     fig.tight_layout()
-    paths = [out_dir / "serving_throughput.png"]
+    paths = [out_dir / f"{prefix}_throughput.png"]
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(9.0, 4.4))
     for label in labels:
         key = f"{MOESERVE} / {HF}"
         pts = sorted((c["n"], c["ratios"][key]) for c in cells if c["label"] == label and key in c.get("ratios", {}))
@@ -130,12 +135,35 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
         ax.plot(*zip(*pts), marker="s", linestyle="--", color="black", label="base: moeserve / generate_batch")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
     ax.set_xlabel("concurrent requests N")
-    ax.set_ylabel("moeserve tok/s / baseline tok/s")
+    ax.set_ylabel("moeserve (HTTP) tok/s / baseline tok/s")
+    ax.set_title("above 1: moeserve serves more output tokens/s than the baseline", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    paths.append(out_dir / "serving_ratio.png")
+    paths.append(out_dir / f"{prefix}_ratio.png")
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-renders a saved report: `python benchmarks/serving_report.py REPORT_JSON OUT_DIR [PREFIX]`."""
+    import json
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) not in (2, 3):
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    report = json.loads(Path(argv[0]).read_text())
+    out_dir = Path(argv[1])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["plots"] = [str(p) for p in plot(report, out_dir, *argv[2:])]
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
