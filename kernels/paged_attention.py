@@ -12,8 +12,7 @@ This module holds the pure-torch twin and the dispatcher; the Triton kernel is i
 from __future__ import annotations
 
 import torch
-
-from moeserve.kernels.attention import gather_kv, varlen_attention_torch
+import torch.nn.functional as F
 from moeserve.kernels.backend import use_triton
 
 
@@ -26,17 +25,36 @@ def paged_decode_attention_torch(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Pure-torch twin: gathers each sequence's keys and values through its block table, then causal attention.
+    """Pure-torch twin: gathers every sequence's keys and values through its block table into one padded batch,
+    then one masked attention call for all sequences (a per-sequence loop costs a call per sequence and layer).
 
     q [B, Hq, D], k_cache [N, S, Hkv, D], v_cache [N, S, Hkv, Dv], block_tables [B, M] int32,
     context_lens [B] int32 (>= 1). Returns [B, Hq, Dv] in q's dtype.
     """
-    if q.shape[0] == 0:
+    num_seqs, block_size = q.shape[0], k_cache.shape[1]
+    if num_seqs == 0:
         return q.new_empty(0, q.shape[1], v_cache.shape[-1])
-    kv_lens = context_lens.tolist()
-    k = gather_kv(k_cache, block_tables, kv_lens)  # [sum(L), Hkv, D]
-    v = gather_kv(v_cache, block_tables, kv_lens)  # [sum(L), Hkv, Dv]
-    return varlen_attention_torch(q, k, v, [1] * q.shape[0], kv_lens, scale, sliding_window)
+    lens = context_lens.long()
+    max_len = int(lens.max())
+    pos = torch.arange(max_len, device=q.device)  # [L]
+    blocks = block_tables.long().gather(
+        1, (pos // block_size).clamp(max=block_tables.shape[1] - 1).expand(num_seqs, -1)
+    )
+    slots = blocks * block_size + pos % block_size  # [B, L]; positions past a sequence's end are masked below
+    k = k_cache.view(-1, *k_cache.shape[2:])[slots].transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache.view(-1, *v_cache.shape[2:])[slots].transpose(1, 2)  # [B, Hkv, L, Dv]
+    valid = pos[None, :] < lens[:, None]  # [B, L]
+    if sliding_window is not None:
+        valid &= pos[None, :] >= lens[:, None] - sliding_window
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :],
+        k.to(q.dtype),
+        v.to(q.dtype),
+        attn_mask=valid[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )  # [B, Hq, 1, Dv]
+    return out[:, :, 0]
 
 
 def paged_decode_attention(

@@ -51,14 +51,23 @@ def _generate(args: argparse.Namespace) -> int:
     model = args.model or default_model_dir()
     llm = LLM.from_engine_config(engine_config_from_args(str(model), args), _adapter_pairs(args.adapter))
     params = SamplingParams(
-        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, seed=args.sampling_seed, max_tokens=args.max_tokens,
-        stop=args.stop or [], ignore_eos=args.ignore_eos,
-    )  # fmt: skip
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.sampling_seed,
+        max_tokens=args.max_tokens,
+        stop=args.stop or [],
+        ignore_eos=args.ignore_eos,
+    )
     prompts = args.prompt or ["The Python language"]
     if args.chat:
         prompts = [
-            llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            llm.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
             for p in prompts
         ]
     for out in llm.generate(prompts, params, use_tqdm=True, adapter=args.use_adapter):
@@ -112,8 +121,10 @@ def _demo(args: argparse.Namespace) -> int:
     report = run_demo(config)
     print()
     print(report.table())
-    print(f"\nevaluation: {sum(len(r.predictions) for r in report.results)} requests for "
-          f"{1 + len(report.adapters)} models over HTTP in {report.eval_seconds:.0f} s")  # fmt: skip
+    print(
+        f"\nevaluation: {sum(len(r.predictions) for r in report.results)} requests for "
+        f"{1 + len(report.adapters)} models over HTTP in {report.eval_seconds:.0f} s"
+    )
     return 0
 
 
@@ -128,14 +139,25 @@ def _eval(args: argparse.Namespace) -> int:
         from moeserve.tasks import get_task
 
         task = get_task(args.task)
-        job = EvalJob(args.model, task.generate(args.split, args.n, args.seed), task.evaluate,
-                      args.max_tokens or task.max_new_tokens, args.task)  # fmt: skip
+        job = EvalJob(
+            args.model,
+            task.generate(args.split, args.n, args.seed),
+            task.evaluate,
+            args.max_tokens or task.max_new_tokens,
+            args.task,
+        )
     else:
-        job = EvalJob(args.model, read_reference_jsonl(args.data), metric_scorer(args.metric), args.max_tokens or 64,
-                      str(args.data))  # fmt: skip
+        job = EvalJob(
+            args.model,
+            read_reference_jsonl(args.data),
+            metric_scorer(args.metric),
+            args.max_tokens or 64,
+            str(args.data),
+        )
     (result,) = asyncio.run(run_jobs(args.server.rstrip("/"), [job], args.concurrency, args.api_key))
-    print(json.dumps({"model": result.model, "data": result.label, **result.metrics,
-                      "seconds": round(result.seconds, 2)}))  # fmt: skip
+    print(
+        json.dumps({"model": result.model, "data": result.label, **result.metrics, "seconds": round(result.seconds, 2)})
+    )
     return 0
 
 
@@ -178,12 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--adapter", action="append", metavar="NAME=DIR", help="serve this adapter; repeatable")
-    srv.add_argument("--enable-adapter-loading", action="store_true",
-                     help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter")  # fmt: skip
-    srv.add_argument("--allowed-adapter-dir", action="append", type=Path, default=[],
-                     help="directory adapters may be loaded from over HTTP; repeatable")  # fmt: skip
-    srv.add_argument("--api-key", default=os.environ.get("MOESERVE_API_KEY"),
-                     help="require 'Authorization: Bearer KEY' on /v1 routes (or MOESERVE_API_KEY)")  # fmt: skip
+    srv.add_argument(
+        "--enable-adapter-loading",
+        action="store_true",
+        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter",
+    )
+    srv.add_argument(
+        "--allowed-adapter-dir",
+        action="append",
+        type=Path,
+        default=[],
+        help="directory adapters may be loaded from over HTTP; repeatable",
+    )
+    srv.add_argument(
+        "--api-key",
+        default=os.environ.get("MOESERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (or MOESERVE_API_KEY)",
+    )
     srv.add_argument("--max-waiting", type=int, default=None, help="refuse requests (429) beyond this many waiting")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get on shutdown")
     add_engine_args(srv)
@@ -192,8 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train one adapter per task on the built-in base, serve all, score all")
     demo.add_argument("--model", type=Path, help="base model directory (default: the built-in small MoE)")
     demo.add_argument("--out", type=Path, default=Path("moeserve-demo"), help="where data and adapters go")
-    demo.add_argument("--plan", action="append", metavar="TASK=METHOD",
-                      help="method for a task (default: math=esft-gate, intent=mola, translate=lora)")  # fmt: skip
+    demo.add_argument(
+        "--plan",
+        action="append",
+        metavar="TASK=METHOD",
+        help="method for a task (default: math=esft-gate, intent=mola, translate=lora)",
+    )
     demo.add_argument("--train-examples", type=int, default=2000)
     demo.add_argument("--max-steps", type=int, default=150, help="training steps per adapter")
     demo.add_argument("--eval-examples", type=int, default=100, help="test examples per task and model")

@@ -92,11 +92,17 @@ class DemoReport:
         for a in self.adapters:
             general = self.score(a.name, GENERAL_TASK)
             kept = f"{100 * general / base_general:.0f}%" if base_general > 0 else f"{general:.3f}"
-            rows.append([
-                a.name, a.plan.method, *(f"{self.score(a.name, t):.3f}" for t in self.tasks), kept,
-                f"{a.trainable_params:,} ({100 * a.trainable_share:.2f}%)", f"{a.adapter_bytes / 1024:.0f} KiB",
-                f"{a.train_seconds:.0f} s",
-            ])  # fmt: skip
+            rows.append(
+                [
+                    a.name,
+                    a.plan.method,
+                    *(f"{self.score(a.name, t):.3f}" for t in self.tasks),
+                    kept,
+                    f"{a.trainable_params:,} ({100 * a.trainable_share:.2f}%)",
+                    f"{a.adapter_bytes / 1024:.0f} KiB",
+                    f"{a.train_seconds:.0f} s",
+                ]
+            )
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
@@ -114,8 +120,14 @@ def train_adapters(config: DemoConfig) -> list[TrainedAdapter]:
             config.work_dir / "data" / f"{plan.task}-train.jsonl",
         )
         out = config.work_dir / "adapters" / name
-        logger.info("training %s: %s on %d %s examples, %d steps", name, plan.method, config.train_examples,
-                    plan.task, config.max_steps)  # fmt: skip
+        logger.info(
+            "training %s: %s on %d %s examples, %d steps",
+            name,
+            plan.method,
+            config.train_examples,
+            plan.task,
+            config.max_steps,
+        )
         result = train(
             TrainArgs(
                 options=MethodOptions(method=plan.method),
@@ -132,8 +144,16 @@ def train_adapters(config: DemoConfig) -> list[TrainedAdapter]:
             )
         )
         trained.append(
-            TrainedAdapter(name, plan, out, result.trainable_params, result.trainable_share, result.adapter_bytes,
-                           result.wall_time_s, result.final_loss)  # fmt: skip
+            TrainedAdapter(
+                name,
+                plan,
+                out,
+                result.trainable_params,
+                result.trainable_share,
+                result.adapter_bytes,
+                result.wall_time_s,
+                result.final_loss,
+            )
         )
     return trained
 

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moeserve.training.method import MethodOptions
+from moeserve.training.methods import get_method
+from test_adapter_serving import PROMPTS, TOL, engine_logits, reference_logits
 from transformers import AutoModelForCausalLM
 
 from moeserve import LLM
 from moeserve.adapters import AdapterConfig
-from moeserve.training.method import MethodOptions
-from moeserve.training.methods import get_method
-from test_adapter_serving import PROMPTS, TOL, engine_logits, reference_logits
 
 MOE_ARCHS = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3"]
 DELTA_METHODS = ["lora", "molora", "mov", "loramoe", "mola"]
 # LoRAMoE adapts FFN linears only; OLMoE, Qwen3-MoE and Mixtral have none outside their fused routed experts.
 NO_DENSE_FFN = {"qwen3_moe", "olmoe", "mixtral"}
-CASES = [
-    (m, a) for m in DELTA_METHODS for a in ["llama", *MOE_ARCHS] if not (m == "loramoe" and a in NO_DENSE_FFN)
-] + [
+CASES = [(m, a) for m in DELTA_METHODS for a in ["llama", *MOE_ARCHS] if not (m == "loramoe" and a in NO_DENSE_FFN)] + [
     (m, a) for m in ("esft-gate", "esft-token") for a in MOE_ARCHS
 ]
 

@@ -103,8 +103,14 @@ def test_mixed_batch_in_any_order_and_with_swapping_matches_solo(olmoe_adapters)
     expected = solo_outputs(base, made)
     names = [None, *made]
     # Two device slots for five adapters: requests wait for a slot, adapters swap in and out, none is lost.
-    llm = LLM(base, block_size=4, num_kv_blocks=128, max_model_len=128, max_adapters=2,
-              adapters={n: str(d) for n, (d, _) in made.items()})  # fmt: skip
+    llm = LLM(
+        base,
+        block_size=4,
+        num_kv_blocks=128,
+        max_model_len=128,
+        max_adapters=2,
+        adapters={n: str(d) for n, (d, _) in made.items()},
+    )
     engine = llm.engine
     jobs = [(names[(i * 3 + j) % len(names)], PROMPTS[j]) for i in range(len(names)) for j in range(len(PROMPTS))]
     results = {}

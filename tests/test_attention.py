@@ -2,7 +2,6 @@
 
 import torch
 import torch.nn.functional as F
-
 from moeserve.kernels.attention import gather_kv, store_kv, varlen_attention_torch
 
 

@@ -88,7 +88,9 @@ def test_top_k_one_and_tiny_top_p_are_greedy(llm):
 
 def test_repetition_penalty_changes_greedy_choice(model_dir, llm):
     """With a huge penalty, greedy never repeats a token already in the prompt or output."""
-    out = llm.generate(PROMPTS[1], SamplingParams(temperature=0, repetition_penalty=1e6, max_tokens=10, ignore_eos=True))
+    out = llm.generate(
+        PROMPTS[1], SamplingParams(temperature=0, repetition_penalty=1e6, max_tokens=10, ignore_eos=True)
+    )
     seen = set(out[0].prompt_token_ids)
     for token in out[0].outputs[0].token_ids:
         assert token not in seen

@@ -21,8 +21,9 @@ def test_http_scores_equal_offline_greedy_scores(tiny_dir, tmp_path):
     records = task.generate("test", 6, seed=0)
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({"prompt": r["prompt"], "reference": r["completion"]}) + "\n" for r in records))
-    engine_config = EngineConfig(model=str(base), cache=CacheConfig(num_blocks=64),
-                                 scheduler=SchedulerConfig(max_model_len=256))  # fmt: skip
+    engine_config = EngineConfig(
+        model=str(base), cache=CacheConfig(num_blocks=64), scheduler=SchedulerConfig(max_model_len=256)
+    )
     app = build_server(engine_config, ServerConfig(served_model_name="base", model_path=str(base)))
     jobs = [
         EvalJob("base", records, task.evaluate, 8, "math"),

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from moeserve.kernels import ACTIVATIONS, fused_moe_torch
 
 

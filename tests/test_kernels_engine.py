@@ -45,8 +45,11 @@ def test_engine_with_triton_kernels_matches_torch_path(tiny_dir, tmp_path):
         env = dict(os.environ, MOESERVE_KERNELS=kernels, TRITON_INTERPRET="1" if kernels == "triton" else "0")
         child = subprocess.run(
             [sys.executable, "-c", CHILD, str(base), str(esft), str(lora), kernels],
-            env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert child.returncode == 0, child.stderr[-4000:]
         return json.loads(child.stdout.strip().splitlines()[-1])
 

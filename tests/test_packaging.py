@@ -1,7 +1,8 @@
 """Every Python package in the tree is installed (a non-editable install would silently miss an unlisted one)."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 MAPPED = {"training": "moeserve.training", "kernels": "moeserve.kernels"}

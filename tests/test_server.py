@@ -26,16 +26,21 @@ PROMPTS = ["The list type is", "A dictionary maps keys", "Return the sum of the 
 def setup(tiny_dir, tmp_path_factory):
     base = tiny_dir("olmoe")
     root = tmp_path_factory.mktemp("served")
-    adapters = {"esft": make_esft(base, root / "esft", seed=1)[0], "lora": make_peft_lora(base, root / "lora", seed=2,
-                targets=("q_proj", "o_proj"))[0]}  # fmt: skip
+    adapters = {
+        "esft": make_esft(base, root / "esft", seed=1)[0],
+        "lora": make_peft_lora(base, root / "lora", seed=2, targets=("q_proj", "o_proj"))[0],
+    }
     spare = make_esft(base, root / "spare", seed=3)[0]
     engine_config = EngineConfig(
         model=str(base), cache=CacheConfig(block_size=4, num_blocks=256), scheduler=SchedulerConfig(max_model_len=128)
     )
     config = ServerConfig(
-        served_model_name="base", model_path=str(base), api_key=KEY, enable_adapter_loading=True,
+        served_model_name="base",
+        model_path=str(base),
+        api_key=KEY,
+        enable_adapter_loading=True,
         allowed_adapter_dirs=[root],
-    )  # fmt: skip
+    )
     app = build_server(engine_config, config, adapters)
     with BackgroundServer(app) as server:
         offline = LLM(base, block_size=4, num_kv_blocks=256, max_model_len=128, adapters=adapters)
@@ -55,16 +60,27 @@ def test_completions_match_offline_engine_for_base_and_adapters(setup):
     server, offline, *_ = setup
     c = client(server)
     for model, adapter in (("base", None), ("esft", "esft"), ("lora", "lora")):
-        r = c.completions.create(model=model, prompt=PROMPTS[0], max_tokens=12, temperature=0,
-                                 extra_body={"ignore_eos": True})  # fmt: skip
+        r = c.completions.create(
+            model=model, prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
         expected = offline_text(offline, PROMPTS[0], adapter)
         assert r.choices[0].text == expected.text
         assert r.choices[0].finish_reason == "length"
         assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(offline.tokenizer.encode(PROMPTS[0]))
-    base = c.completions.create(model="base", prompt=PROMPTS[0], max_tokens=12, temperature=0,
-                                extra_body={"ignore_eos": True}).choices[0].text  # fmt: skip
-    tuned = c.completions.create(model="esft", prompt=PROMPTS[0], max_tokens=12, temperature=0,
-                                 extra_body={"ignore_eos": True}).choices[0].text  # fmt: skip
+    base = (
+        c.completions.create(
+            model="base", prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    tuned = (
+        c.completions.create(
+            model="esft", prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
     assert base != tuned
 
 
@@ -75,8 +91,9 @@ def test_concurrent_streams_for_mixed_adapters_match_offline(setup):
         c = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
 
         async def one(model, prompt):
-            stream = await c.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True,
-                                                extra_body={"ignore_eos": True})  # fmt: skip
+            stream = await c.completions.create(
+                model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True}
+            )
             text, finish = "", None
             async for chunk in stream:
                 text += chunk.choices[0].text
@@ -101,12 +118,20 @@ def test_chat_streamed_and_not_match_offline(setup):
         add_special_tokens=False,
     )
     expected = offline_text(offline, prompt_ids, "lora", max_tokens=10)
-    r = c.chat.completions.create(model="lora", messages=messages, max_tokens=10, temperature=0,
-                                  extra_body={"ignore_eos": True})  # fmt: skip
+    r = c.chat.completions.create(
+        model="lora", messages=messages, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].message.content == expected.text and r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == len(prompt_ids)
-    stream = c.chat.completions.create(model="lora", messages=messages, max_tokens=10, temperature=0, stream=True,
-                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})  # fmt: skip
+    stream = c.chat.completions.create(
+        model="lora",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == expected.text
@@ -116,17 +141,32 @@ def test_chat_streamed_and_not_match_offline(setup):
 def test_n_seed_and_logprobs(setup):
     server, offline, *_ = setup
     c = client(server)
-    r = c.completions.create(model="base", prompt=PROMPTS[1], max_tokens=6, temperature=1.0, n=2, seed=7, logprobs=3,
-                             extra_body={"ignore_eos": True})  # fmt: skip
+    r = c.completions.create(
+        model="base",
+        prompt=PROMPTS[1],
+        max_tokens=6,
+        temperature=1.0,
+        n=2,
+        seed=7,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     assert [ch.index for ch in r.choices] == [0, 1]
     for i, choice in enumerate(r.choices):
-        solo = offline.generate(PROMPTS[1], SamplingParams(temperature=1.0, max_tokens=6, seed=7 + i, ignore_eos=True,
-                                                           logprobs=3))[0].outputs[0]  # fmt: skip
+        solo = offline.generate(
+            PROMPTS[1], SamplingParams(temperature=1.0, max_tokens=6, seed=7 + i, ignore_eos=True, logprobs=3)
+        )[0].outputs[0]
         assert choice.text == solo.text
         assert choice.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in solo.logprobs], abs=1e-5)
         assert all(len(top) <= 3 for top in choice.logprobs.top_logprobs)
-    chat = c.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                     temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    chat = c.chat.completions.create(
+        model="base",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
 
@@ -146,14 +186,25 @@ def test_load_use_unload_over_http(setup):
         assert r.status_code == 200, r.text
         assert h.post("/v1/load_lora_adapter", json={"lora_name": "spare", "lora_path": str(spare)}).status_code == 400
         c = client(server)
-        out = c.completions.create(model="spare", prompt=PROMPTS[2], max_tokens=8, temperature=0,
-                                   extra_body={"ignore_eos": True})  # fmt: skip
+        out = c.completions.create(
+            model="spare", prompt=PROMPTS[2], max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
         offline.engine.adapters.register("spare", spare)
         assert out.choices[0].text == offline_text(offline, PROMPTS[2], "spare", max_tokens=8).text
 
         # A long request in flight while the adapter is unloaded still finishes.
-        with h.stream("POST", "/v1/completions", json={"model": "spare", "prompt": PROMPTS[2], "max_tokens": 40,
-                                                        "temperature": 0, "stream": True, "ignore_eos": True}) as s:  # fmt: skip
+        with h.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": "spare",
+                "prompt": PROMPTS[2],
+                "max_tokens": 40,
+                "temperature": 0,
+                "stream": True,
+                "ignore_eos": True,
+            },
+        ) as s:
             lines = s.iter_lines()
             first = next(line for line in lines if line.startswith("data:"))
             assert json.loads(first[5:])["choices"]
@@ -179,22 +230,41 @@ def test_error_statuses_and_shapes(setup, tmp_path):
     good = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(base_url=server.url, timeout=60) as h:
         error_of(h.post("/v1/completions", json={"model": "base", "prompt": "x"}), 401)
-        error_of(h.post("/v1/completions", json={"model": "base", "prompt": "x"}, headers={"Authorization": "Bearer no"}), 401)
+        error_of(
+            h.post("/v1/completions", json={"model": "base", "prompt": "x"}, headers={"Authorization": "Bearer no"}),
+            401,
+        )
         error_of(h.get("/v1/models"), 401)
         error_of(h.post("/v1/completions", json={"model": "nope", "prompt": "x"}, headers=good), 404)
-        error_of(h.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
-                        headers=good), 404)  # fmt: skip
-        e = error_of(h.post("/v1/completions", json={"model": "base", "prompt": "x", "temperature": -1}, headers=good), 400)
+        error_of(
+            h.post(
+                "/v1/chat/completions",
+                json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+                headers=good,
+            ),
+            404,
+        )
+        e = error_of(
+            h.post("/v1/completions", json={"model": "base", "prompt": "x", "temperature": -1}, headers=good), 400
+        )
         assert "temperature" in e["message"]
         error_of(h.post("/v1/completions", json={"model": "base"}, headers=good), 400)
-        error_of(h.post("/v1/completions", content=b"{not json", headers={**good, "content-type": "application/json"}), 400)
+        error_of(
+            h.post("/v1/completions", content=b"{not json", headers={**good, "content-type": "application/json"}), 400
+        )
         e = error_of(h.post("/v1/completions", json={"model": "base", "prompt": "word " * 300}, headers=good), 400)
         assert "context" in e["message"]
-        e = error_of(h.post("/v1/completions", json={"model": "base", "prompt": "word " * 300, "stream": True},
-                            headers=good), 400)  # fmt: skip
+        e = error_of(
+            h.post("/v1/completions", json={"model": "base", "prompt": "word " * 300, "stream": True}, headers=good),
+            400,
+        )
         error_of(h.post("/v1/chat/completions", json={"model": "base", "messages": []}, headers=good), 400)
-        error_of(h.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(root / ".." / "..")},
-                        headers=good), 400)  # fmt: skip
+        error_of(
+            h.post(
+                "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(root / ".." / "..")}, headers=good
+            ),
+            400,
+        )
         error_of(h.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/etc"}, headers=good), 400)
         bad = shutil.copytree(root / "esft", root / "corrupt")
         (bad / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
@@ -208,7 +278,9 @@ def test_error_statuses_and_shapes(setup, tmp_path):
 
 def test_full_queue_is_refused_with_429(tiny_dir):
     base = tiny_dir("llama")
-    engine_config = EngineConfig(model=str(base), cache=CacheConfig(num_blocks=64), scheduler=SchedulerConfig(max_model_len=128))
+    engine_config = EngineConfig(
+        model=str(base), cache=CacheConfig(num_blocks=64), scheduler=SchedulerConfig(max_model_len=128)
+    )
     app = build_server(engine_config, ServerConfig(served_model_name="base", model_path=str(base)), max_waiting=0)
     with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as h:
         error_of(h.post("/v1/completions", json={"model": "base", "prompt": "x"}), 429)
@@ -217,8 +289,11 @@ def test_full_queue_is_refused_with_429(tiny_dir):
 def test_disconnected_stream_is_aborted_and_frees_its_blocks(setup):
     server, _, app, *_ = setup
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as h:
-        with h.stream("POST", "/v1/completions", json={"model": "base", "prompt": PROMPTS[0], "max_tokens": 100,
-                                                        "stream": True, "ignore_eos": True}) as s:  # fmt: skip
+        with h.stream(
+            "POST",
+            "/v1/completions",
+            json={"model": "base", "prompt": PROMPTS[0], "max_tokens": 100, "stream": True, "ignore_eos": True},
+        ) as s:
             next(line for line in s.iter_lines() if line.startswith("data:"))
         # closed after the first chunk: the engine must drop the request
         deadline = time.monotonic() + 10
@@ -242,8 +317,9 @@ def test_metrics_parse_and_move_with_traffic(setup):
         return values
 
     before = scrape()
-    client(server).completions.create(model="esft", prompt="hello", max_tokens=5, temperature=0,
-                                      extra_body={"ignore_eos": True})  # fmt: skip
+    client(server).completions.create(
+        model="esft", prompt="hello", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     after = scrape()
     assert after["vllm:generation_tokens_total"] - before.get("vllm:generation_tokens_total", 0) == 5
     assert after["vllm:prompt_tokens_total"] > before.get("vllm:prompt_tokens_total", 0)
@@ -256,7 +332,15 @@ def test_metrics_parse_and_move_with_traffic(setup):
 def test_openapi_documents_every_route(setup):
     server, *_ = setup
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
-    for route in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
-                  "/v1/unload_lora_adapter", "/health", "/version", "/metrics"):  # fmt: skip
+    for route in (
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+        "/health",
+        "/version",
+        "/metrics",
+    ):
         assert route in paths
     assert httpx.get(f"{server.url}/version").json()["version"]

@@ -27,12 +27,32 @@ LORA_EXPERT_METHODS = ("molora", "mov", "loramoe", "mola")
 
 # Config fields that do not change the model's function or shapes; left out of the fingerprint.
 _VOLATILE = {
-    "_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache",
-    "output_attentions", "output_hidden_states", "output_router_logits", "return_dict", "chunk_size_feed_forward",
-    "tie_encoder_decoder", "problem_type", "id2label", "label2id", "_attn_implementation_autoset",
-    "_experts_implementation", "_attn_implementation", "bos_token_id", "eos_token_id", "pad_token_id",
-    "router_aux_loss_coef", "initializer_range", "attention_dropout", "max_position_embeddings",
-}  # fmt: skip
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "output_router_logits",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "tie_encoder_decoder",
+    "problem_type",
+    "id2label",
+    "label2id",
+    "_attn_implementation_autoset",
+    "_experts_implementation",
+    "_attn_implementation",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "router_aux_loss_coef",
+    "initializer_range",
+    "attention_dropout",
+    "max_position_embeddings",
+}
 
 
 class AdapterError(ValueError):

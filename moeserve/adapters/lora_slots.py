@@ -131,15 +131,18 @@ class AdaptedLinear(nn.Module):
     def _ia3_scale(self, kind: str, slot: int, act: torch.Tensor) -> torch.Tensor:
         """sum_i g_i(act) l[slot, i] for the activations act [n, dim] it will rescale: [n, dim]."""
         routing = self.routing[slot]
-        ids, weights = _route(act, self.tables.get(f"{kind}_router", None)[slot] if routing.has_router else None,
-                              routing)  # fmt: skip
+        ids, weights = _route(
+            act, self.tables.get(f"{kind}_router", None)[slot] if routing.has_router else None, routing
+        )
         vectors = self.tables[f"{kind}_vec"][slot]  # [E, dim]
         return torch.einsum("nk,nkd->nd", weights.to(act.dtype), vectors[ids])
 
     def _add_lora(
         self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, lora_slots: list[int], groups: dict
     ) -> None:
-        ks = [self.routing[s].num_experts if self.routing[s].top_k is None else self.routing[s].top_k for s in lora_slots]
+        ks = [
+            self.routing[s].num_experts if self.routing[s].top_k is None else self.routing[s].top_k for s in lora_slots
+        ]
         top_k = max(ks)
         ids = torch.zeros(x.shape[0], top_k, dtype=torch.long, device=x.device)  # [T, K]
         weights = torch.zeros(x.shape[0], top_k, dtype=torch.float32, device=x.device)  # [T, K]; 0 for base tokens

@@ -15,7 +15,7 @@ import itertools
 import logging
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -151,7 +151,9 @@ class AdapterManager:
     def _check_limits(self, weights: LoadedAdapter) -> None:
         for path, w in weights.modules.items():
             if w.rank > self.limits.max_lora_rank:
-                raise AdapterError(f"adapter rank {w.rank} at {path} is above --max-lora-rank {self.limits.max_lora_rank}")
+                raise AdapterError(
+                    f"adapter rank {w.rank} at {path} is above --max-lora-rank {self.limits.max_lora_rank}"
+                )
             if w.num_experts > self.limits.max_lora_experts:
                 raise AdapterError(
                     f"adapter has {w.num_experts} experts at {path}, above --max-lora-experts "
@@ -199,8 +201,10 @@ class AdapterManager:
         index = self.slot_of(ref)
         if index is None:
             free = [i for i in range(1, self.max_slots + 1) if self._slots[i].ref is None]
-            idle = sorted((i for i in range(1, self.max_slots + 1) if i not in busy and i not in free),
-                          key=lambda i: self._slots[i].last_used)  # fmt: skip
+            idle = sorted(
+                (i for i in range(1, self.max_slots + 1) if i not in busy and i not in free),
+                key=lambda i: self._slots[i].last_used,
+            )
             for index in free + idle:
                 if self._place(ref, index):
                     break

@@ -13,6 +13,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     group.add_argument("--seed", type=int, default=0, help="engine seed (requests without their own seed)")
+    group.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a CPU shared with other work)"
+    )
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     group.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: from memory)")
     group.add_argument("--kv-cache-memory-fraction", type=float, default=0.8, help="of free GPU memory")
@@ -25,8 +28,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     adapters.add_argument("--max-cpu-adapters", type=int, default=16, help="adapters kept in host memory")
     adapters.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted")
     adapters.add_argument("--max-lora-experts", type=int, default=16, help="most LoRA experts per adapted module")
-    adapters.add_argument("--esft-rows-per-layer", type=int, default=None,
-                          help="ESFT overlay expert rows per MoE layer (default: max-adapters * experts / 4)")  # fmt: skip
+    adapters.add_argument(
+        "--esft-rows-per-layer",
+        type=int,
+        default=None,
+        help="ESFT overlay expert rows per MoE layer (default: max-adapters * experts / 4)",
+    )
 
 
 def engine_config_from_args(model: str, args: argparse.Namespace) -> EngineConfig:
@@ -35,6 +42,7 @@ def engine_config_from_args(model: str, args: argparse.Namespace) -> EngineConfi
         dtype=args.dtype,
         device=args.device,
         seed=args.seed,
+        num_threads=args.threads,
         cache=CacheConfig(
             block_size=args.block_size,
             num_blocks=args.num_kv_blocks,

@@ -51,6 +51,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads for CPU work; None: torch's default
     cache: CacheConfig | None = None
     scheduler: SchedulerConfig | None = None
     adapters: AdapterLimits | None = None

@@ -45,7 +45,12 @@ def allocate_kv_cache(
 
 
 def default_num_blocks(
-    model: DecoderForCausalLM, block_size: int, dtype: torch.dtype, device: torch.device, fraction: float, cpu_bytes: int
+    model: DecoderForCausalLM,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    fraction: float,
+    cpu_bytes: int,
 ) -> int:
     """As many blocks as `fraction` of the free accelerator memory holds (on CPU: `cpu_bytes`)."""
     per_block = bytes_per_block(model, block_size, dtype)

@@ -39,14 +39,19 @@ class LLM:
             dtype=dtype,
             device=device,
             seed=seed,
-            cache=CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching),
+            cache=CacheConfig(
+                block_size=block_size, num_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching
+            ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len
             ),
             adapters=AdapterLimits(
-                max_slots=max_adapters, max_cpu_adapters=max_cpu_adapters, max_lora_rank=max_lora_rank,
-                max_lora_experts=max_lora_experts, esft_rows_per_layer=esft_rows_per_layer,
-            ),  # fmt: skip
+                max_slots=max_adapters,
+                max_cpu_adapters=max_cpu_adapters,
+                max_lora_rank=max_lora_rank,
+                max_lora_experts=max_lora_experts,
+                esft_rows_per_layer=esft_rows_per_layer,
+            ),
         )
         self._start(config, adapters)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
+from moeserve.adapters.manager import AdapterManager
 from moeserve.engine.config import EngineConfig
 from moeserve.engine.detokenizer import IncrementalDetokenizer
 from moeserve.engine.kv_cache import default_num_blocks
@@ -19,7 +20,6 @@ from moeserve.engine.sampler import Sampler
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.sequence import Sequence
-from moeserve.adapters.manager import AdapterManager
 from moeserve.models import load_model
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class _Request:
 
 
 def eos_token_ids(model_dir: Path, tokenizer) -> frozenset[int]:
-    """End-of-sequence ids: generation_config.json's (it may list several, e.g. chat end tokens), else the tokenizer's."""
+    """End-of-sequence ids: generation_config.json's (it may list several: chat end tokens), or the tokenizer's."""
     ids: set[int] = set()
     try:
         eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
@@ -53,15 +53,21 @@ class LLMEngine:
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir} is not a model directory: it has no config.json")
         self.device = torch.device(config.device)
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = load_model(model_dir, config.torch_dtype, self.device)
         spec = self.model.spec
         cache, sched = config.cache, config.scheduler
         self.max_model_len = sched.max_model_len or spec.max_position_embeddings
         num_blocks = cache.num_blocks or default_num_blocks(
-            self.model, cache.block_size, config.torch_dtype, self.device,
-            cache.kv_cache_memory_fraction, cache.kv_cache_memory_bytes,
-        )  # fmt: skip
+            self.model,
+            cache.block_size,
+            config.torch_dtype,
+            self.device,
+            cache.kv_cache_memory_fraction,
+            cache.kv_cache_memory_bytes,
+        )
         if self.max_model_len > num_blocks * cache.block_size:
             raise ValueError(
                 f"max_model_len {self.max_model_len} does not fit in the KV cache ({num_blocks} blocks of "
@@ -74,8 +80,13 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
         self.requests: dict[str, _Request] = {}
-        logger.info("engine ready: %s, %d KV blocks of %d tokens, max_model_len %d",
-                    spec.model_type, num_blocks, cache.block_size, self.max_model_len)  # fmt: skip
+        logger.info(
+            "engine ready: %s, %d KV blocks of %d tokens, max_model_len %d",
+            spec.model_type,
+            num_blocks,
+            cache.block_size,
+            self.max_model_len,
+        )
 
     def add_request(
         self,
@@ -101,7 +112,9 @@ class LLMEngine:
                 "and at least one must be left to generate"
             )
         ref = self.adapters.acquire(adapter) if adapter is not None else None  # UnknownAdapterError if unknown
-        seq = Sequence(request_id, token_ids, params, eos_token_ids=self.eos_token_ids, adapter=adapter, adapter_ref=ref)
+        seq = Sequence(
+            request_id, token_ids, params, eos_token_ids=self.eos_token_ids, adapter=adapter, adapter_ref=ref
+        )
         detok = IncrementalDetokenizer(
             self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
         )
@@ -149,7 +162,8 @@ class LLMEngine:
         output_ids = seq.output_token_ids
         text_ids = output_ids[:-1] if reason and not params.include_stop_str_in_output else output_ids
         if reason is None and (
-            (params.max_tokens is not None and len(output_ids) >= params.max_tokens) or seq.num_tokens >= self.max_model_len
+            (params.max_tokens is not None and len(output_ids) >= params.max_tokens)
+            or seq.num_tokens >= self.max_model_len
         ):
             reason = "length"
         new_text, stop_str = request.detokenizer.update(text_ids, finished=reason is not None)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
-
 from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from moeserve.engine.config import SchedulerConfig

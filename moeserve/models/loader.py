@@ -23,7 +23,9 @@ from moeserve.models.rotary import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
-_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_PER_EXPERT = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
+)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # Keys a checkpoint may carry that have no parameter here: rotary caches of old exports.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|rotary_emb\._cos_cached|rotary_emb\._sin_cached)$")
@@ -82,7 +84,9 @@ def load_weights(model: DecoderForCausalLM, files: list[Path]) -> None:
                     done.add((int(per_expert["expert"]), per_expert["proj"]))
                     continue
                 if name not in tensors:
-                    raise CheckpointError(f"tensor {key!r} in {path.name} matches no parameter of {type(model).__name__}")
+                    raise CheckpointError(
+                        f"tensor {key!r} in {path.name} matches no parameter of {type(model).__name__}"
+                    )
                 _fill(tensors[name], f.get_tensor(key), key)
                 filled.add(name)
     for prefix, done in experts_filled.items():

@@ -129,7 +129,12 @@ class AsyncEngine:
         return len(self.engine.scheduler.running)
 
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, adapter: str | None = None, index: int = 0
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+        index: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs as the engine produces them; cancelling the iteration aborts the request."""
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic(), adapter)

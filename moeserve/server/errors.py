@@ -29,9 +29,7 @@ class APIError(Exception):
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
     body = ErrorResponse(
-        error=ErrorInfo(
-            message=message, type=_TYPES.get(status, HTTPStatus(status).phrase), param=param, code=status
-        )
+        error=ErrorInfo(message=message, type=_TYPES.get(status, HTTPStatus(status).phrase), param=param, code=status)
     )
     return JSONResponse(body.model_dump(), status_code=status)
 

@@ -20,7 +20,9 @@ class ServerMetrics:
         r = self.registry
         self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", labels, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", labels, registry=r)
-        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", labels, registry=r)
+        self.kv_usage = Gauge(
+            "vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).", labels, registry=r
+        )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", labels, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", labels, registry=r)
         self.request_success = Counter(
@@ -30,21 +32,32 @@ class ServerMetrics:
             "vllm:time_to_first_token_seconds", "Time to first token.", labels, buckets=_LATENCY_BUCKETS, registry=r
         )
         self.itl = Histogram(
-            "vllm:inter_token_latency_seconds", "Time between output tokens.", labels, buckets=_LATENCY_BUCKETS,
+            "vllm:inter_token_latency_seconds",
+            "Time between output tokens.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
         self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", labels, buckets=_LATENCY_BUCKETS,
+            "vllm:e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
         self.queue_time = Histogram(
-            "vllm:request_queue_time_seconds", "Time from arrival to first scheduling.", labels,
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "vllm:request_queue_time_seconds",
+            "Time from arrival to first scheduling.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.lora_info = Gauge(
-            "vllm:lora_requests_info", "Running and waiting adapters (labels); value: last update time.",
-            ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r,
-        )  # fmt: skip
+            "vllm:lora_requests_info",
+            "Running and waiting adapters (labels); value: last update time.",
+            ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            registry=r,
+        )
         self.adapters_resident = Gauge(
             "moeserve:adapter_slots_resident", "Adapters resident in device slots.", labels, registry=r
         )

@@ -164,7 +164,9 @@ class OpenAIServing:
         if len(prompts) != 1:
             raise APIError(400, "streaming supports one prompt per request", "prompt")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self._sse(self._completion_chunks(request_id, created, req, prompts[0], params, adapter, include_usage))
+        return await self._sse(
+            self._completion_chunks(request_id, created, req, prompts[0], params, adapter, include_usage)
+        )
 
     async def _completion_chunks(self, request_id, created, req, prompt, params, adapter, include_usage):
         usage = UsageInfo()
@@ -179,18 +181,33 @@ class OpenAIServing:
                 logprobs = self._completion_logprobs(new, offsets[c.index]).model_dump()
             offsets[c.index] += len(out.new_text)
             if out.new_text or out.finished or logprobs:
-                choice = {"index": c.index, "text": out.new_text, "logprobs": logprobs,
-                          "finish_reason": c.finish_reason if out.finished else None,
-                          "stop_reason": c.stop_reason if out.finished else None}  # fmt: skip
-                yield {"id": request_id, "object": "text_completion", "created": created, "model": req.model,
-                       "choices": [choice]}  # fmt: skip
+                choice = {
+                    "index": c.index,
+                    "text": out.new_text,
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason if out.finished else None,
+                    "stop_reason": c.stop_reason if out.finished else None,
+                }
+                yield {
+                    "id": request_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": req.model,
+                    "choices": [choice],
+                }
             if out.finished:
                 usage.completion_tokens += len(c.token_ids)
         if include_usage:
             usage.prompt_tokens = prompt_tokens
             usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-            yield {"id": request_id, "object": "text_completion", "created": created, "model": req.model,
-                   "choices": [], "usage": usage.model_dump()}  # fmt: skip
+            yield {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": req.model,
+                "choices": [],
+                "usage": usage.model_dump(),
+            }
 
     # --- /v1/chat/completions ---
 
@@ -221,7 +238,9 @@ class OpenAIServing:
                 TopLogprob(token=self._token_text(t), logprob=v, bytes=list(self._token_text(t).encode()))
                 for t, v in lp.top.items()
             ]
-            content.append(ChatTokenLogprob(token=text, logprob=lp.logprob, bytes=list(text.encode()), top_logprobs=top))
+            content.append(
+                ChatTokenLogprob(token=text, logprob=lp.logprob, bytes=list(text.encode()), top_logprobs=top)
+            )
         return ChatLogprobs(content=content)
 
     def _chat_setup(self, req: ChatCompletionRequest):
@@ -259,12 +278,19 @@ class OpenAIServing:
         adapter, params, prompt = self._chat_setup(req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self._sse(self._chat_chunks(request_id, int(time.time()), req, prompt, params, adapter, include_usage))
+        return await self._sse(
+            self._chat_chunks(request_id, int(time.time()), req, prompt, params, adapter, include_usage)
+        )
 
     async def _chat_chunks(self, request_id, created, req, prompt, params, adapter, include_usage):
         def chunk(choices, usage=None):
-            body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": choices}  # fmt: skip
+            body = {
+                "id": request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": req.model,
+                "choices": choices,
+            }
             if usage is not None:
                 body["usage"] = usage
             return body
@@ -272,8 +298,9 @@ class OpenAIServing:
         outputs = self._stream_choices(request_id, prompt, params, adapter)
         first = await anext(outputs)  # the engine accepted the request: only now does the answer start
         for i in range(params.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])  # fmt: skip
+            yield chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
         completion_tokens = 0
         async for out in _prepend(first, outputs):
             c = out.outputs[0]
@@ -282,15 +309,35 @@ class OpenAIServing:
                 new = (c.logprobs or [])[len(c.logprobs or []) - len(out.new_token_ids) :]
                 logprobs = self._chat_logprobs(new).model_dump()
             if out.new_text or logprobs:
-                yield chunk([{"index": c.index, "delta": {"content": out.new_text}, "logprobs": logprobs,
-                              "finish_reason": None}])  # fmt: skip
+                yield chunk(
+                    [
+                        {
+                            "index": c.index,
+                            "delta": {"content": out.new_text},
+                            "logprobs": logprobs,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
             if out.finished:
                 completion_tokens += len(c.token_ids)
-                yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason,
-                              "stop_reason": c.stop_reason}])  # fmt: skip
+                yield chunk(
+                    [
+                        {
+                            "index": c.index,
+                            "delta": {},
+                            "logprobs": None,
+                            "finish_reason": c.finish_reason,
+                            "stop_reason": c.stop_reason,
+                        }
+                    ]
+                )
         if include_usage:
-            usage = UsageInfo(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
-                              total_tokens=len(prompt) + completion_tokens)  # fmt: skip
+            usage = UsageInfo(
+                prompt_tokens=len(prompt),
+                completion_tokens=completion_tokens,
+                total_tokens=len(prompt) + completion_tokens,
+            )
             yield chunk([], usage.model_dump())
 
     # --- SSE ---
