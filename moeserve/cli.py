@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -97,70 +96,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from moeserve.builtin import builtin_model_dir
-    from moeserve.demo import DEFAULT_PLAN, DemoConfig, DemoPlan, run_demo
-
-    plan = list(DEFAULT_PLAN)
-    for value in args.plan or []:
-        task, sep, method = value.partition("=")
-        if not sep:
-            raise ValueError(f"--plan takes TASK=METHOD, got {value!r}")
-        lr = next((p.learning_rate for p in DEFAULT_PLAN if p.method == method), 2e-3)
-        plan = [p for p in plan if p.task != task] + [DemoPlan(task, method, lr)]
-    config = DemoConfig(
-        base=args.model or builtin_model_dir(),
-        work_dir=args.out,
-        plan=plan,
-        train_examples=args.train_examples,
-        max_steps=args.max_steps,
-        eval_examples=args.eval_examples,
-        concurrency=args.concurrency,
-        seed=args.seed,
-    )
-    report = run_demo(config)
-    print()
-    print(report.table())
-    print(
-        f"\nevaluation: {sum(len(r.predictions) for r in report.results)} requests for "
-        f"{1 + len(report.adapters)} models over HTTP in {report.eval_seconds:.0f} s"
-    )
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from moeserve.evaluate import EvalJob, metric_scorer, read_reference_jsonl, run_jobs
-
-    if bool(args.task) == bool(args.data):
-        raise ValueError("give exactly one of --task NAME or --data FILE")
-    if args.task:
-        from moeserve.tasks import get_task
-
-        task = get_task(args.task)
-        job = EvalJob(
-            args.model,
-            task.generate(args.split, args.n, args.seed),
-            task.evaluate,
-            args.max_tokens or task.max_new_tokens,
-            args.task,
-        )
-    else:
-        job = EvalJob(
-            args.model,
-            read_reference_jsonl(args.data),
-            metric_scorer(args.metric),
-            args.max_tokens or 64,
-            str(args.data),
-        )
-    (result,) = asyncio.run(run_jobs(args.server.rstrip("/"), [job], args.concurrency, args.api_key))
-    print(
-        json.dumps({"model": result.model, "data": result.label, **result.metrics, "seconds": round(result.seconds, 2)})
-    )
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from moeserve.engine.arg_utils import add_engine_args
     from moeserve.tiny import TINY_ARCHS
@@ -221,36 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get on shutdown")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
-
-    demo = sub.add_parser("demo", help="train one adapter per task on the built-in base, serve all, score all")
-    demo.add_argument("--model", type=Path, help="base model directory (default: the built-in small MoE)")
-    demo.add_argument("--out", type=Path, default=Path("moeserve-demo"), help="where data and adapters go")
-    demo.add_argument(
-        "--plan",
-        action="append",
-        metavar="TASK=METHOD",
-        help="method for a task (default: math=esft-gate, intent=mola, translate=lora)",
-    )
-    demo.add_argument("--train-examples", type=int, default=2000)
-    demo.add_argument("--max-steps", type=int, default=150, help="training steps per adapter")
-    demo.add_argument("--eval-examples", type=int, default=100, help="test examples per task and model")
-    demo.add_argument("--concurrency", type=int, default=32, help="evaluation requests in flight")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
-
-    ev = sub.add_parser("eval", help="score a served model or adapter on a task suite or a JSONL file")
-    ev.add_argument("--server", required=True, help="base URL, e.g. http://127.0.0.1:8000")
-    ev.add_argument("--model", required=True, help="the base model's served name or an adapter name")
-    ev.add_argument("--task", help="a built-in task suite: math, intent, translate, general")
-    ev.add_argument("--data", type=Path, help='JSONL of {"prompt", "reference"} objects')
-    ev.add_argument("--metric", choices=["exact", "chrf"], default="exact", help="for --data")
-    ev.add_argument("--split", default="test", choices=["train", "test"])
-    ev.add_argument("--n", type=int, default=100, help="examples from the task suite")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--max-tokens", type=int, default=None)
-    ev.add_argument("--concurrency", type=int, default=16)
-    ev.add_argument("--api-key", default=os.environ.get("MOESERVE_API_KEY"))
-    ev.set_defaults(func=_eval)
 
     from moeserve.training.cli import add_train_commands
     from moeserve.training.esft.cli import add_esft_commands
