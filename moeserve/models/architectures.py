@@ -22,6 +22,18 @@ def _head_dim(config: PreTrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _gqa(config: PreTrainedConfig, qkv_bias: bool, o_bias: bool, **kwargs) -> AttentionSpec:
+    """Grouped-query attention with the config's head counts and head dim (kwargs: qk_norm, clip, window)."""
+    return AttentionSpec(
+        num_heads=config.num_attention_heads,
+        num_kv_heads=config.num_key_value_heads,
+        head_dim=_head_dim(config),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        **kwargs,
+    )
+
+
 def _spec(config: PreTrainedConfig, attention, mlps, rope: RopeSpec) -> ModelSpec:
     return ModelSpec(
         model_type=config.model_type,
@@ -55,16 +67,9 @@ class LlamaForCausalLM(DecoderForCausalLM):
 
     @classmethod
     def spec_from_config(cls, config: PreTrainedConfig) -> ModelSpec:
-        head_dim = _head_dim(config)
-        attention = AttentionSpec(
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim,
-            qkv_bias=config.attention_bias,
-            o_bias=config.attention_bias,
-        )
+        attention = _gqa(config, qkv_bias=config.attention_bias, o_bias=config.attention_bias)
         mlp = DenseMLPSpec(config.intermediate_size, bias=config.mlp_bias)
-        return _spec(config, attention, [mlp] * config.num_hidden_layers, RopeSpec(head_dim))
+        return _spec(config, attention, [mlp] * config.num_hidden_layers, RopeSpec(attention.head_dim))
 
 
 class Qwen2MoeForCausalLM(DecoderForCausalLM):
@@ -75,14 +80,7 @@ class Qwen2MoeForCausalLM(DecoderForCausalLM):
     def spec_from_config(cls, config: PreTrainedConfig) -> ModelSpec:
         if "sliding_attention" in (getattr(config, "layer_types", None) or []):
             raise ValueError("qwen2_moe with use_sliding_window=True is not supported")
-        head_dim = _head_dim(config)
-        attention = AttentionSpec(
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim,
-            qkv_bias=config.qkv_bias,
-            o_bias=False,
-        )
+        attention = _gqa(config, qkv_bias=config.qkv_bias, o_bias=False)
         moe = MoESpec(
             router=_softmax_router(config, config.num_experts, config.norm_topk_prob),
             intermediate_size=config.moe_intermediate_size,
@@ -91,7 +89,7 @@ class Qwen2MoeForCausalLM(DecoderForCausalLM):
         )
         dense = DenseMLPSpec(config.intermediate_size)
         mlps = [moe if sparse else dense for sparse in _qwen_sparse_layers(config)]
-        return _spec(config, attention, mlps, RopeSpec(head_dim))
+        return _spec(config, attention, mlps, RopeSpec(attention.head_dim))
 
 
 class Qwen3MoeForCausalLM(DecoderForCausalLM):
@@ -99,11 +97,8 @@ class Qwen3MoeForCausalLM(DecoderForCausalLM):
 
     @classmethod
     def spec_from_config(cls, config: PreTrainedConfig) -> ModelSpec:
-        head_dim = _head_dim(config)
-        attention = AttentionSpec(
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim,
+        attention = _gqa(
+            config,
             qkv_bias=config.attention_bias,
             o_bias=config.attention_bias,
             qk_norm="head",
@@ -115,7 +110,7 @@ class Qwen3MoeForCausalLM(DecoderForCausalLM):
         )
         dense = DenseMLPSpec(config.intermediate_size)
         mlps = [moe if sparse else dense for sparse in _qwen_sparse_layers(config)]
-        return _spec(config, attention, mlps, RopeSpec(head_dim))
+        return _spec(config, attention, mlps, RopeSpec(attention.head_dim))
 
 
 class OlmoeForCausalLM(DecoderForCausalLM):
@@ -123,11 +118,8 @@ class OlmoeForCausalLM(DecoderForCausalLM):
 
     @classmethod
     def spec_from_config(cls, config: PreTrainedConfig) -> ModelSpec:
-        head_dim = _head_dim(config)
-        attention = AttentionSpec(
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim,
+        attention = _gqa(
+            config,
             qkv_bias=config.attention_bias,
             o_bias=config.attention_bias,
             qk_norm="full",
@@ -137,7 +129,7 @@ class OlmoeForCausalLM(DecoderForCausalLM):
             router=_softmax_router(config, config.num_experts, config.norm_topk_prob),
             intermediate_size=config.intermediate_size,
         )
-        return _spec(config, attention, [moe] * config.num_hidden_layers, RopeSpec(head_dim))
+        return _spec(config, attention, [moe] * config.num_hidden_layers, RopeSpec(attention.head_dim))
 
 
 class MixtralForCausalLM(DecoderForCausalLM):
@@ -152,20 +144,12 @@ class MixtralForCausalLM(DecoderForCausalLM):
 
     @classmethod
     def spec_from_config(cls, config: PreTrainedConfig) -> ModelSpec:
-        head_dim = _head_dim(config)
-        attention = AttentionSpec(
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim,
-            qkv_bias=False,
-            o_bias=False,
-            sliding_window=config.sliding_window,
-        )
+        attention = _gqa(config, qkv_bias=False, o_bias=False, sliding_window=config.sliding_window)
         moe = MoESpec(
             router=_softmax_router(config, config.num_local_experts, norm_topk_prob=True),
             intermediate_size=config.intermediate_size,
         )
-        return _spec(config, attention, [moe] * config.num_hidden_layers, RopeSpec(head_dim))
+        return _spec(config, attention, [moe] * config.num_hidden_layers, RopeSpec(attention.head_dim))
 
 
 def _yarn_mscale(scale: float, mscale: float) -> float:
