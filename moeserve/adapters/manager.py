@@ -109,11 +109,11 @@ class AdapterManager:
         return name in self._current
 
     def list(self) -> list[AdapterInfo]:
-        return [
-            AdapterInfo(name, v.path, v.method, ref.version)
-            for name, ref in self._current.items()
-            for v in [self._versions[ref]]
-        ]
+        infos = []
+        for name, ref in self._current.items():
+            version = self._versions[ref]
+            infos.append(AdapterInfo(name, version.path, version.method, ref.version))
+        return infos
 
     def register(self, name: str, path: str | Path, replace: bool = False) -> AdapterInfo:
         """Validates and registers the adapter in `path` under `name` (a new version when replacing)."""
