@@ -63,8 +63,10 @@ def test_generation_is_pinned():
     assert {n: digest(get_task(n).generate("train", 100, seed=1)) for n in names} == {
         "math": "8de5fbc461a9b716", "intent": "92421dcd9b061005", "translate": "92ac09e606c0199d",
     }  # fmt: skip
-    assert {n: digest(get_task(n).pretraining_examples(300, seed=1)) for n in names} == {
+    # general's pretraining examples are patterns only, so they do not depend on the Python version's docstrings.
+    assert {n: digest(get_task(n).pretraining_examples(300, seed=1)) for n in (*names, "general")} == {
         "math": "2def276588aa1e5b", "intent": "acdedfc86ae65839", "translate": "8edeeac9344c3aa9",
+        "general": "1a01cf2b315ce58c",
     }  # fmt: skip
 
 

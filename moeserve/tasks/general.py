@@ -98,8 +98,18 @@ class GeneralTask(Task):
         return record(prompt, f" {completion}", kind="pattern")
 
     def pretraining_examples(self, n: int, seed: int) -> list[dict[str, Any]]:
-        """Pattern examples of the train split only: the pretraining docstrings are already in the corpus as text."""
-        return [r for r in self.generate("train", 4 * n, seed) if r["kind"] == "pattern"][:n]
+        """Pattern examples of the train split, drawn with replacement; no docstrings (they are in the corpus as text).
+
+        With replacement, because the counting, alphabet, weekday and month prompts number a few hundred while
+        copying has millions: distinct examples would be nearly all copying.
+        """
+        rng = StableRng(self.name, "pretraining", seed)
+        out: list[dict[str, Any]] = []
+        while len(out) < n:
+            prompt, completion = _pattern(rng)
+            if split_of(self.name, prompt) == "train":
+                out.append(record(prompt, f" {completion}", kind="pattern"))
+        return out
 
     def _split_for(self, rec: dict[str, Any]) -> str:
         if rec["kind"] == "docstring":
