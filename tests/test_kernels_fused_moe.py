@@ -25,22 +25,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreter_ready():
     pytest.skip("triton was imported before TRITON_INTERPRET: see the docstring", allow_module_level=True)
 
-from moeserve.kernels import ACTIVATIONS, fused_moe, fused_moe_torch  # noqa: E402
+from moeserve.kernels import fused_moe, fused_moe_torch  # noqa: E402
 from moeserve.kernels.fused_moe_config import TileConfig, config_file_name, default_config, get_config  # noqa: E402
 from moeserve.kernels.fused_moe_triton import fused_moe_triton, invoke_fused_moe  # noqa: E402
 from moeserve.kernels.moe_align import align_block_size, max_blocks  # noqa: E402
+from test_fused_moe import reference  # noqa: E402
 
-
-
-def per_token_loop(hidden, w13, w2, topk_weights, topk_ids, activation):
-    act, inter = ACTIVATIONS[activation], w2.shape[-1]
-    out = torch.zeros_like(hidden)
-    for t in range(hidden.shape[0]):
-        for k in range(topk_ids.shape[1]):
-            e = int(topk_ids[t, k])
-            gate_up = w13[e] @ hidden[t]
-            out[t] += topk_weights[t, k] * (w2[e] @ (act(gate_up[:inter]) * gate_up[inter:]))
-    return out
+per_token_loop = reference  # the definition written out, shared with test_fused_moe.py
 
 
 def make_case(num_tokens, rows, top_k, hidden_size, inter, seed, router_experts=None, dtype=torch.float32):
