@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
-
 from serving_timings import RunTimings
 from serving_workload import ESFT, Workload, method_of
+from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 logger = logging.getLogger(__name__)
 

@@ -38,13 +38,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
-from serving_workload import (  # noqa: E402
-    DEFAULT_METHODS, Cell, Workload, adapter_names, build_grid, default_methods, make_adapter_pool, make_workload,
-    prompt_vocab, resolve_model,
-)  # fmt: skip
 from serving_report import HF, HF_CB, MOESERVE, OFFLINE, SYSTEMS  # noqa: E402
 from serving_timings import RunTimings, median_summary  # noqa: E402
+from serving_workload import (  # noqa: E402
+    DEFAULT_METHODS,
+    Cell,
+    Workload,
+    adapter_names,
+    build_grid,
+    default_methods,
+    make_adapter_pool,
+    make_workload,
+    prompt_vocab,
+    resolve_model,
+)  # fmt: skip
 
 logger = logging.getLogger("bench_serving")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

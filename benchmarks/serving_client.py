@@ -26,9 +26,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
-
-from serving_workload import BASE, Workload
 from serving_timings import RunTimings
+from serving_workload import BASE, Workload
 
 logger = logging.getLogger(__name__)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moeserve.training.method import MethodOptions
-from moeserve.training.methods import get_method
 from test_adapter_serving import PROMPTS, TOL, engine_logits, reference_logits
 from transformers import AutoModelForCausalLM
 
 from moeserve import LLM
 from moeserve.adapters import AdapterConfig
+from moeserve.training.method import MethodOptions
+from moeserve.training.methods import get_method
 
 MOE_ARCHS = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3"]
 DELTA_METHODS = ["lora", "molora", "mov", "loramoe", "mola"]

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+
 from moeserve.kernels.attention import gather_kv, store_kv, varlen_attention_torch
 
 

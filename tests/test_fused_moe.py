@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from moeserve.kernels import ACTIVATIONS, fused_moe_torch
 
 

@@ -25,11 +25,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not interpreter_ready():
     pytest.skip("triton was imported before TRITON_INTERPRET: see the docstring", allow_module_level=True)
 
+from test_fused_moe import reference  # noqa: E402
+
 from moeserve.kernels import fused_moe, fused_moe_torch  # noqa: E402
 from moeserve.kernels.fused_moe_config import TileConfig, config_file_name, default_config, get_config  # noqa: E402
 from moeserve.kernels.fused_moe_triton import fused_moe_triton, invoke_fused_moe  # noqa: E402
 from moeserve.kernels.moe_align import align_block_size, max_blocks  # noqa: E402
-from test_fused_moe import reference  # noqa: E402
 
 per_token_loop = reference  # the definition written out, shared with test_fused_moe.py
 

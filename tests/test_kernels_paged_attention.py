@@ -28,7 +28,6 @@ from moeserve.kernels.paged_attention_triton import (  # noqa: E402
 )
 
 
-
 def make_case(context_lens, q_heads, kv_heads, head_dim, value_dim, block_size, seed, dtype=torch.float32):
     """A cache with the sequences' blocks scattered at random, and tables padded with junk block ids."""
     g = torch.Generator().manual_seed(seed)

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 from moeserve.training.lora_experts import (
     ExpertsConfig,
     LoRAExpertsLinear,
-    add_experts,
     adapter_state_dict,
+    add_experts,
     expert_sample_load,
     experts_aux_loss,
     localized_balancing_loss,

@@ -30,8 +30,8 @@ from moeserve.adapters import ESFT_METHODS, WEIGHTS_NAME, AdapterConfig, Adapter
 from moeserve.training.lora import LoRAMethod
 from moeserve.training.lora_experts import (
     ExpertsConfig,
-    add_experts,
     adapter_state_dict,
+    add_experts,
     experts_aux_loss,
     load_adapter_state_dict,
     mola_allocation,
