@@ -72,7 +72,8 @@ class HFPerAdapter:
         if lora:
             from peft import PeftModel
 
-            self.peft = PeftModel.from_pretrained(_load(base_dir, dtype, device), str(pool[lora[0]]), adapter_name=lora[0])
+            base = _load(base_dir, dtype, device)
+            self.peft = PeftModel.from_pretrained(base, str(pool[lora[0]]), adapter_name=lora[0])
             for name in lora[1:]:
                 self.peft.load_adapter(str(pool[name]), adapter_name=name)
             self.peft.eval()
@@ -148,7 +149,9 @@ class HFContinuous:
 
     name = "transformers generate_batch"
 
-    def __init__(self, base_dir: Path, dtype: torch.dtype, device: str, max_requests: int, max_len: int, block: int = 16):
+    def __init__(
+        self, base_dir: Path, dtype: torch.dtype, device: str, max_requests: int, max_len: int, block: int = 16
+    ):
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         self.model = _load(base_dir, dtype, device)

@@ -202,8 +202,8 @@ def markdown(report: dict) -> str:
              "measured | output tok/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in report["rows"]:
         lines.append(f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {r['step_ms_p90']:.2f} | "
-                     f"{r['weights_gb']:.2f} | {r['kv_gb']:.3f} | {r['roofline_ms']:.2f} | {100 * r['efficiency']:.0f}% "
-                     f"| {r['tok_s']:.0f} |")  # fmt: skip
+                     f"{r['weights_gb']:.2f} | {r['kv_gb']:.3f} | {r['roofline_ms']:.2f} | "
+                     f"{100 * r['efficiency']:.0f}% | {r['tok_s']:.0f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

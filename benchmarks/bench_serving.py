@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and adapters")
     g.add_argument("--model", default="auto", help="auto (the built-in base if present, else tiny-olmoe), builtin, "
-                   "tiny-ARCH (a tiny random checkpoint: llama, olmoe, qwen3_moe, ...) or a model directory")  # fmt: skip
+                   "tiny-ARCH (a tiny random checkpoint: llama, olmoe, ...) or a model directory")  # fmt: skip
     g.add_argument("--methods", nargs="+", default=None,
                    help="methods a mixed set of K > 1 adapters cycles through, in order (default: "
                         f"{' '.join(DEFAULT_METHODS)}, and loramoe where the model has dense FFN linears)")  # fmt: skip
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("bounds and output")
     g.add_argument("--run-timeout", type=float, default=300.0, help="seconds one run of one system may take")
     g.add_argument("--max-seconds", type=float, default=840.0,
-                   help="the sweep stops starting runs after this many seconds (cells left out are listed)")  # fmt: skip
+                   help="the sweep starts no run after this many seconds (cells left out are listed)")  # fmt: skip
     g.add_argument("--out-dir", type=Path, default=Path("bench_serving_out"))
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--check-outputs", action="store_true",
@@ -163,7 +163,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
     adapter_dir = args.work_dir / f"adapters-{model_dir.name}"
     pool = make_adapter_pool(model_dir, adapter_dir, names, vocab, args.seed)
     report = {"machine": machine_info(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-              "model": str(model_dir), "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "model": str(model_dir),
+              "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "load_before": load_average(), "adapters": {n: str(p) for n, p in pool.items()},
               "runs": [], "skipped": []}  # fmt: skip
     max_n = max(args.n)
@@ -187,8 +188,9 @@ def run_sweep(args: argparse.Namespace) -> dict:
         if MOESERVE in args.systems:
             from serving_client import run_http, start_server
 
-            url = stack.enter_context(start_server(model_dir, pool, _engine_args(args, max_n, len(pool)), args.server,
-                                                        threads=args.threads))
+            url = stack.enter_context(
+                start_server(model_dir, pool, _engine_args(args, max_n, len(pool)), args.server, threads=args.threads)
+            )
             runners[MOESERVE] = lambda work: run_http(url, work, args.run_timeout)
         report["output_check"] = _warm_up(runners, names, vocab, args)
         report["setup_s"] = time.monotonic() - started
@@ -231,6 +233,7 @@ def _warm_up(runners: dict, names: list[str], vocab: list[int], args) -> dict[st
 
 def summarize(runs: list[dict], cells: list[Cell]) -> list[dict]:
     """Per cell: each system's medians, the ratios moeserve / baseline, and the heterogeneity cost."""
+
     def runs_of(key: str, system: str) -> list[RunTimings]:
         fields = ("wall_s", "output_tokens", "ttft_s", "itl_s", "chunks", "swap_s")
         return [RunTimings(**{f: r[f] for f in fields}) for r in runs if r["cell"] == key and r["system"] == system]
@@ -252,7 +255,8 @@ def summarize(runs: list[dict], cells: list[Cell]) -> list[dict]:
             for system in (MOESERVE, OFFLINE, HF):
                 base_runs = runs_of(base_key, system)
                 if system in s and base_runs:
-                    row.setdefault("heterogeneity", {})[system] = s[system]["tok_s"] / median_summary(base_runs)["tok_s"]
+                    base_tok_s = median_summary(base_runs)["tok_s"]
+                    row.setdefault("heterogeneity", {})[system] = s[system]["tok_s"] / base_tok_s
         out.append(row)
     return out
 

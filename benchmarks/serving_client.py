@@ -85,7 +85,9 @@ def start_server(
                 log.seek(0)
                 raise RuntimeError(f"moeserve serve exited with {proc.returncode}:\n{log.read()[-4000:]}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"moeserve serve did not answer /health in {startup_timeout:.0f} s (log: {log.name})")
+                raise RuntimeError(
+                    f"moeserve serve did not answer /health in {startup_timeout:.0f} s (log: {log.name})"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
                     break

@@ -31,8 +31,11 @@ def header(report: dict) -> str:
     ]
     check = report.get("output_check")
     if check:
-        lines.append(f"- output check: transformers+peft and moeserve offline gave identical greedy tokens for all "
-                     f"{check['requests']} requests (base + every adapter of the pool, {check['tokens_each']} tokens each)")
+        lines.append(
+            f"- output check: transformers+peft and moeserve offline gave identical greedy tokens for all "
+            f"{check['requests']} requests (base + every adapter of the pool, "
+            f"{check['tokens_each']} tokens each)"
+        )
     if report["skipped"]:
         lines.append(f"- NOT RUN (--max-seconds reached): {len(report['skipped'])} runs, e.g. {report['skipped'][0]}")
     return "\n".join(lines)
@@ -104,7 +107,9 @@ def plot(report: dict, out_dir: Path, prefix: str = "serving") -> list[Path]:
         ax.set_visible(False)
     for ax, system in zip(axes.flat, present):
         for label in labels:
-            pts = sorted((c["n"], c["systems"][system]["tok_s"]) for c in cells if c["label"] == label and system in c["systems"])
+            pts = sorted(
+                (c["n"], c["systems"][system]["tok_s"]) for c in cells if c["label"] == label and system in c["systems"]
+            )
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
         ax.set_xscale("log", base=2)

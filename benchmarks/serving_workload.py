@@ -102,7 +102,9 @@ def default_methods(model_dir: Path) -> list[str]:
     return list(DEFAULT_METHODS) + ([] if model_type in NO_DENSE_FFN else ["loramoe"])
 
 
-def build_grid(ns: list[int], ks: list[int], popularities: list[str], methods: list[str], k1_methods: list[str]) -> list[Cell]:
+def build_grid(
+    ns: list[int], ks: list[int], popularities: list[str], methods: list[str], k1_methods: list[str]
+) -> list[Cell]:
     """K = 0: the base; K = 1: one cell per method in k1_methods; K > 1: the methods mixed, once per popularity.
 
     Mixed sets with more adapters than requests (K > N) are left out: they would use at most N of their adapters.
@@ -138,7 +140,9 @@ class Workload:
         return len(self.prompts) * self.out_len
 
 
-def make_workload(cell: Cell, rep: int, prompt_len: int, out_len: int, vocab: list[int], zipf_s: float, seed: int) -> Workload:
+def make_workload(
+    cell: Cell, rep: int, prompt_len: int, out_len: int, vocab: list[int], zipf_s: float, seed: int
+) -> Workload:
     """Fresh random prompts for every (cell, repetition), so no run hits a prefix cached by an earlier one."""
     rng = random.Random(f"{seed}/{cell.key}/{rep}")
     prompts = [[rng.choice(vocab) for _ in range(prompt_len)] for _ in range(cell.n)]

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench_serving.py on a tiny model: the report has every cell and system (not a timing test)."""
+"""Smoke test of benchmarks/bench_serving.py on a tiny model: every cell and system is in the report (not timed)."""
 
 from __future__ import annotations
 

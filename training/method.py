@@ -48,7 +48,9 @@ class AdapterMethod(Protocol):
 
     name: str
 
-    def prepare(self, model: PreTrainedModel, options: MethodOptions, train_token_ids: list[list[int]]) -> AdapterConfig:
+    def prepare(
+        self, model: PreTrainedModel, options: MethodOptions, train_token_ids: list[list[int]]
+    ) -> AdapterConfig:
         """Adds trainable adapter modules / overlay parameters to `model` in place and freezes everything else.
 
         `train_token_ids` are tokenised training samples (ESFT scores its experts on them). Returns the config the

@@ -57,6 +57,7 @@ _CORPUS_SENTENCES: tuple[str, ...] = (
     "Once upon a time, there was a small language model.",
 )
 
+
 def _corpus() -> list[str]:
     """Return deterministic training text taken from the running Python's stdlib."""
     texts: list[str] = list(_CORPUS_SENTENCES)
