@@ -8,19 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_ARCH = "olmoe"
-
 
 def default_model_dir() -> Path:
-    """The built-in default model: a tiny random-weight checkpoint, made on first use and cached."""
-    from moeserve.tiny import make_tiny
+    """The built-in default model: the small pretrained MoE shipped with the package (docs/base_model.md)."""
+    from moeserve.builtin import builtin_model_dir
 
-    cache = Path(os.environ.get("MOESERVE_CACHE", Path.home() / ".cache" / "moeserve"))
-    model_dir = cache / f"tiny-{DEFAULT_ARCH}"
-    if not (model_dir / "config.json").exists():
-        logging.getLogger(__name__).info("making the built-in tiny %s model in %s", DEFAULT_ARCH, model_dir)
-        make_tiny(DEFAULT_ARCH, model_dir)
-    return model_dir
+    return builtin_model_dir()
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -111,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=_make_tiny)
 
     gen = sub.add_parser("generate", help="generate text offline with the engine (batched, paged KV cache)")
-    gen.add_argument("--model", type=Path, help="Hugging Face model directory (default: the built-in tiny model)")
+    gen.add_argument("--model", type=Path, help="Hugging Face model directory (default: the built-in small MoE)")
     gen.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     gen.add_argument("--max-tokens", type=int, default=32)
@@ -130,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server for the base model and its adapters")
-    srv.add_argument("--model", type=Path, help="Hugging Face model directory (default: the built-in tiny model)")
+    srv.add_argument("--model", type=Path, help="Hugging Face model directory (default: the built-in small MoE)")
     srv.add_argument("--served-model-name", help="the base model's name in the API (default: the directory name)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
@@ -157,11 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
 
+    from moeserve.demo_cli import add_demo_commands
     from moeserve.training.cli import add_train_commands
     from moeserve.training.esft.cli import add_esft_commands
 
     add_train_commands(sub)
     add_esft_commands(sub)
+    add_demo_commands(sub)
     return parser
 
 

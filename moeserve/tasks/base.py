@@ -126,6 +126,7 @@ class Task(ABC):
     description: str = ""
     metric: str = ""  # what `score` measures, in words (shown in docs and reports)
     max_new_tokens: int = 32  # enough for the longest reference completion with the built-in tokenizer
+    stop: tuple[str, ...] = ("\n",)  # answers are one line (`first_line`); generation can stop at the break
 
     @abstractmethod
     def _draw(self, rng: StableRng) -> dict[str, Any]:
