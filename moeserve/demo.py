@@ -118,7 +118,7 @@ class DemoReport:
 
     def serve_command(self) -> str:
         """The `moeserve serve` line that serves this demo's adapters (for the user to run next)."""
-        adapters = " ".join(f"--adapter {a.name}={a.path}" for a in self.adapters)
+        adapters = " ".join(f"--adapter {a.name}={a.path.resolve()}" for a in self.adapters)
         return f"moeserve serve --model {self.base} --served-model-name {BASE_NAME} {adapters}"
 
     def score(self, model: str, task: str) -> float:

@@ -20,7 +20,7 @@ def test_short_demo_adapters_beat_the_base_on_their_own_task(tmp_path):
         own = adapter.plan.task
         assert report.score(adapter.name, own) > report.score(BASE_NAME, own), (adapter.name, report.table())
         assert adapter.trainable_params > 0 and adapter.adapter_bytes > 0
-    assert all(f"--adapter {a.name}={a.path}" in report.serve_command() for a in report.adapters)
+    assert all(f"--adapter {a.name}={a.path.resolve()}" in report.serve_command() for a in report.adapters)
     table = report.table()
     assert table.count("\n") == 2 + len(report.adapters)  # header, rule, base, adapters
     for task in [*report.tasks, GENERAL_TASK]:
