@@ -13,52 +13,15 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from moeserve.tiny.tokenizer import BOS, CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS
+from moeserve.tiny.tokenizer import train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
-MODEL_MAX_LENGTH = 512
-
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path | None = None) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with `vocab_size` tokens trained on `texts`; saved to `out_dir` when given.
-
-    Deterministic for the same texts in the same order (the `tokenizers` BPE trainer breaks ties by token order).
-    """
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    raw.decoder = decoders.ByteLevel()
-    raw.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    raw.train_from_iterator(list(texts), trainer=trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        bos_token=BOS,
-        eos_token=ENDOFTEXT,
-        pad_token=ENDOFTEXT,
-        additional_special_tokens=[IM_START, IM_END],
-        clean_up_tokenization_spaces=False,
-        model_max_length=MODEL_MAX_LENGTH,
-    )
-    tok.chat_template = CHAT_TEMPLATE
+    """A byte-level BPE tokenizer with `vocab_size` tokens trained on `texts`, digits split; saved to `out_dir`."""
+    tok = train_bpe_tokenizer(texts, vocab_size, out_dir, split_digits=True)
     logger.info("trained a byte-level BPE tokenizer with %d tokens", len(tok))
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(out_dir)
     return tok

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -27,6 +28,7 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 BOS = "<s>"
 SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END, BOS)
+MODEL_MAX_LENGTH = 512
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -78,12 +80,25 @@ def _corpus() -> list[str]:
     return [t for t in texts if t]
 
 
-def _train(vocab_size: int) -> Tokenizer:
-    """Train the raw `tokenizers` BPE model; specials take the first ids."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: Path | None = None, split_digits: bool = False
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with `vocab_size` tokens trained on `texts`, the specials first and the ChatML
+    template; saved to `out_dir` when given. `split_digits` puts every digit in its own token before BPE.
+
+    Deterministic for the same texts in the same order (the `tokenizers` BPE trainer breaks ties by token order).
+    """
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+    raw = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raw.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
+    raw.decoder = decoders.ByteLevel()
+    raw.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
@@ -91,18 +106,7 @@ def _train(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    return tok
-
-
-def build_tokenizer(out_dir: Path | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Build the tiny tokenizer; save it to ``out_dir`` when given.
-
-    ``vocab_size`` must leave room for the 256 byte symbols plus the specials.
-    """
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
-    raw = _train(vocab_size)
+    raw.train_from_iterator(list(texts), trainer=trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         bos_token=BOS,
@@ -110,12 +114,19 @@ def build_tokenizer(out_dir: Path | None = None, vocab_size: int = 512) -> PreTr
         pad_token=ENDOFTEXT,
         additional_special_tokens=[IM_START, IM_END],
         clean_up_tokenization_spaces=False,
-        model_max_length=512,
+        model_max_length=MODEL_MAX_LENGTH,
     )
     tok.chat_template = CHAT_TEMPLATE
-    logger.debug("built tiny tokenizer with %d tokens", len(tok))
+    logger.debug("trained a byte-level BPE tokenizer with %d tokens", len(tok))
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(out_dir)
     return tok
+
+
+def build_tokenizer(out_dir: Path | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Build the tiny tokenizer (trained on stdlib docstrings); save it to ``out_dir`` when given.
+
+    ``vocab_size`` must leave room for the 256 byte symbols plus the specials.
+    """
+    return train_bpe_tokenizer(_corpus(), vocab_size, out_dir)
