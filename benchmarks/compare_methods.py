@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from moeserve.builtin import builtin_model_dir
+from moeserve.builtin.evaluate import evaluate_model
 from moeserve.tasks import get_task
 from moeserve.tasks.base import write_jsonl
 from moeserve.training.data import DataConfig, build_training_data
@@ -98,15 +99,7 @@ def train_full(args: TrainArgs) -> tuple[int, int, float, float]:
 
 def score(model_dir: Path, adapter: Path | None, task_name: str, n: int, seed: int) -> float:
     """The task's score on `n` test examples, greedy, through moeserve's engine (with the adapter if given)."""
-    from moeserve.engine.llm import LLM
-    from moeserve.engine.sampling_params import SamplingParams
-
-    task = get_task(task_name)
-    records = task.generate("test", n, seed)
-    llm = LLM(str(model_dir), dtype="float32", adapters={"a": str(adapter)} if adapter else None)
-    params = SamplingParams(temperature=0.0, max_tokens=task.max_new_tokens, stop=list(task.stop))
-    outs = llm.generate([r["prompt"] for r in records], params, adapter="a" if adapter else None)
-    return task.evaluate([o.outputs[0].text for o in outs], [r["completion"] for r in records])["score"]
+    return evaluate_model(model_dir, task_name, n, seed, adapter=adapter)["score"]
 
 
 def dir_bytes(path: Path) -> int:

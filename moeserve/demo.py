@@ -208,16 +208,14 @@ def evaluate_all(config: DemoConfig, adapters: list[TrainedAdapter]) -> tuple[li
         ServerConfig(served_model_name=BASE_NAME, model_path=str(config.base)),
         {a.name: a.path for a in adapters},
     )
-    jobs = []
-    for model in [BASE_NAME, *(a.name for a in adapters)]:
-        for task_name in [*tasks, GENERAL_TASK]:
-            task = get_task(task_name)
-            records = task.generate("test", config.eval_examples, config.seed)
-            jobs.append(EvalJob(model, records, task.evaluate, task.max_new_tokens, task_name, list(task.stop)))
+    suites = [get_task(name) for name in [*tasks, GENERAL_TASK]]
+    records = {task.name: task.generate("test", config.eval_examples, config.seed) for task in suites}
+    models = [BASE_NAME, *(a.name for a in adapters)]
+    jobs = [EvalJob.for_task(model, task, records[task.name]) for model in models for task in suites]
     total = sum(len(j.records) for j in jobs)
     logger.info(
         "serving base + %d adapters; %d requests (%d models x %d suites x %d examples), %d in flight at a time",
-        len(adapters), total, len(adapters) + 1, len(tasks) + 1, config.eval_examples, config.concurrency,
+        len(adapters), total, len(models), len(suites), config.eval_examples, config.concurrency,
     )  # fmt: skip
     start = time.monotonic()
     with BackgroundServer(app) as server, tqdm(total=total, desc="evaluate over HTTP") as bar:

@@ -54,14 +54,7 @@ def _eval(args: argparse.Namespace) -> int:
         from moeserve.tasks import get_task
 
         task = get_task(args.task)
-        job = EvalJob(
-            args.model,
-            task.generate(args.split, args.n, args.seed),
-            task.evaluate,
-            args.max_tokens or task.max_new_tokens,
-            args.task,
-            list(task.stop),
-        )
+        job = EvalJob.for_task(args.model, task, task.generate(args.split, args.n, args.seed), args.max_tokens)
     else:
         job = EvalJob(
             args.model,

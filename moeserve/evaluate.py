@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from moeserve.tasks.base import Task
 from moeserve.tasks.metrics import chrf, exact_match
 
 METRICS: dict[str, Callable[[str, str], float]] = {"exact": exact_match, "chrf": chrf}
@@ -34,6 +35,11 @@ class EvalJob:
     max_tokens: int = 32
     label: str = ""  # a name for the report (task or file)
     stop: list[str] | None = None  # stop strings sent with every request (task suites score the first line only)
+
+    @classmethod
+    def for_task(cls, model: str, task: Task, records: list[dict], max_tokens: int | None = None) -> EvalJob:
+        """Scores `records` of a task suite with its metric, its answer length and its stop strings."""
+        return cls(model, records, task.evaluate, max_tokens or task.max_new_tokens, task.name, list(task.stop))
 
 
 @dataclass

@@ -85,6 +85,11 @@ def test_greedy_generation_agrees_between_moeserve_and_transformers(task_name):
     )
 
 
+def test_transformers_backend_refuses_adapters(tmp_path):
+    with pytest.raises(ValueError, match="transformers backend scores base models only"):
+        complete(builtin_model_dir(), ["1 + 1 ="], 4, "transformers", adapter=tmp_path)
+
+
 def test_base_knows_something():
     """The base scores above zero on its test splits (a few examples each, so the test stays fast)."""
     base = builtin_model_dir()

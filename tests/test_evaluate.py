@@ -16,16 +16,21 @@ from moeserve.server.launch import BackgroundServer, build_server
 from moeserve.tasks import get_task
 
 
+def base_app(base):
+    """The server for a tiny base model, served as "base"."""
+    engine_config = EngineConfig(
+        model=str(base), cache=CacheConfig(num_blocks=64), scheduler=SchedulerConfig(max_model_len=256)
+    )
+    return build_server(engine_config, ServerConfig(served_model_name="base", model_path=str(base)))
+
+
 def test_http_scores_equal_offline_greedy_scores(tiny_dir, tmp_path):
     base = tiny_dir("olmoe")
     task = get_task("math")
     records = task.generate("test", 6, seed=0)
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps({"prompt": r["prompt"], "reference": r["completion"]}) + "\n" for r in records))
-    engine_config = EngineConfig(
-        model=str(base), cache=CacheConfig(num_blocks=64), scheduler=SchedulerConfig(max_model_len=256)
-    )
-    app = build_server(engine_config, ServerConfig(served_model_name="base", model_path=str(base)))
+    app = base_app(base)
     jobs = [
         EvalJob("base", records, task.evaluate, 8, "math"),
         EvalJob("base", read_reference_jsonl(data), metric_scorer("chrf"), 8, "mine"),
@@ -53,10 +58,7 @@ def test_reference_file_errors_name_the_line(tmp_path):
 
 def test_eval_command_prints_the_score_and_refuses_bad_input(tiny_dir, tmp_path, capsys):
     base = tiny_dir("olmoe")
-    engine_config = EngineConfig(
-        model=str(base), cache=CacheConfig(num_blocks=64), scheduler=SchedulerConfig(max_model_len=256)
-    )
-    app = build_server(engine_config, ServerConfig(served_model_name="base", model_path=str(base)))
+    app = base_app(base)
     with BackgroundServer(app) as server:
         assert main(["eval", "--server", server.url, "--model", "base", "--task", "intent", "--n", "5"]) == 0
         line = json.loads(capsys.readouterr().out)

@@ -16,20 +16,24 @@ from typing import Any
 import torch
 
 from moeserve.tasks import get_task
+from moeserve.tasks.base import ANSWER_END
 
 logger = logging.getLogger(__name__)
 
 BACKENDS: tuple[str, ...] = ("moeserve", "transformers")
-STOP = "\n"
+STOP = ANSWER_END
 
 
-def _moeserve_complete(model_dir: Path, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+def _moeserve_complete(
+    model_dir: Path, prompts: Sequence[str], max_new_tokens: int, adapter: Path | None = None
+) -> list[str]:
     from moeserve.engine.llm import LLM
     from moeserve.engine.sampling_params import SamplingParams
 
-    llm = LLM(str(model_dir), dtype="float32")
+    llm = LLM(str(model_dir), dtype="float32", adapters={"adapter": str(adapter)} if adapter else None)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=[STOP])
-    return [out.outputs[0].text for out in llm.generate(list(prompts), params)]
+    outputs = llm.generate(list(prompts), params, adapter="adapter" if adapter else None)
+    return [out.outputs[0].text for out in outputs]
 
 
 @torch.no_grad()
@@ -52,22 +56,35 @@ def _transformers_complete(
 
 
 def complete(
-    model_dir: str | Path, prompts: Sequence[str], max_new_tokens: int, backend: str = "moeserve"
+    model_dir: str | Path,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    backend: str = "moeserve",
+    adapter: str | Path | None = None,
 ) -> list[str]:
-    """Greedy completions of `prompts`, cut at the first line break."""
+    """Greedy completions of `prompts`, cut at the first line break; with `adapter` (moeserve backend) applied."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    run = _moeserve_complete if backend == "moeserve" else _transformers_complete
-    return run(Path(model_dir), prompts, max_new_tokens)
+    if backend == "moeserve":
+        return _moeserve_complete(Path(model_dir), prompts, max_new_tokens, Path(adapter) if adapter else None)
+    if adapter is not None:
+        raise ValueError("the transformers backend scores base models only; use backend='moeserve' for adapters")
+    return _transformers_complete(Path(model_dir), prompts, max_new_tokens)
 
 
 def evaluate_model(
-    model_dir: str | Path, task_name: str, n: int, seed: int = 0, split: str = "test", backend: str = "moeserve"
+    model_dir: str | Path,
+    task_name: str,
+    n: int,
+    seed: int = 0,
+    split: str = "test",
+    backend: str = "moeserve",
+    adapter: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The task's metrics for the model on `n` examples of `split` (generated with `seed`)."""
+    """The task's metrics for the model (with `adapter`, if given) on `n` examples of `split` (made with `seed`)."""
     task = get_task(task_name)
     records = task.generate(split, n, seed=seed)
-    predictions = complete(model_dir, [r["prompt"] for r in records], task.max_new_tokens, backend)
+    predictions = complete(model_dir, [r["prompt"] for r in records], task.max_new_tokens, backend, adapter)
     metrics: dict[str, Any] = task.evaluate(predictions, [r["completion"] for r in records])
     by_kind = getattr(task, "evaluate_by_kind", None)
     if by_kind is not None:

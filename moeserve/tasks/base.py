@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 SPLITS: tuple[str, ...] = ("train", "test")
 TEST_PERCENT = 20  # share of the example space that belongs to the test split
 _MAX_DRAWS_PER_RECORD = 50  # give up when the example space is too small for the n asked for
+ANSWER_END = "\n"  # every reference answer is one line: what follows this is not the answer
 
 
 class StableRng:
@@ -108,7 +109,7 @@ def first_line(prediction: str) -> str:
     A small model that answers and then runs on into a new "Question:" is scored on its answer; generating with the
     stop sequence "\\n" gives the same score for less compute.
     """
-    return prediction.lstrip().split("\n", 1)[0]
+    return prediction.lstrip().split(ANSWER_END, 1)[0]
 
 
 def mean(values: Sequence[float]) -> float:
@@ -126,7 +127,7 @@ class Task(ABC):
     description: str = ""
     metric: str = ""  # what `score` measures, in words (shown in docs and reports)
     max_new_tokens: int = 32  # enough for the longest reference completion with the built-in tokenizer
-    stop: tuple[str, ...] = ("\n",)  # answers are one line (`first_line`); generation can stop at the break
+    stop: tuple[str, ...] = (ANSWER_END,)  # answers are one line (`first_line`); generation can stop at the break
 
     @abstractmethod
     def _draw(self, rng: StableRng) -> dict[str, Any]:
