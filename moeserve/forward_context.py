@@ -31,6 +31,9 @@ class ForwardContext:
     block_tables: torch.Tensor | None = None
     # [T] int32: resident adapter slot of each token (0 = base model); None = base for every token.
     adapter_slot: torch.Tensor | None = None
+    # Adapter slot -> the indices [n] int64 of its tokens in the batch, for every slot present (the base's 0
+    # included); built by the runner from host data. Left None, it is derived from adapter_slot (a host sync).
+    adapter_groups: dict[int, torch.Tensor] | None = None
     # Host copies of the boundaries, so attention can split the batch without a device sync per layer.
     query_lens: list[int] = field(default_factory=list)
     kv_lens: list[int] = field(default_factory=list)
@@ -49,6 +52,13 @@ class ForwardContext:
             raise ValueError("slot_mapping and block_tables come together: both set (paged cache) or neither")
         if self.slot_mapping is None and self.query_lens != self.kv_lens:
             raise ValueError("without a KV cache every sequence must be given whole (query_lens == context_lens)")
+
+    def token_groups(self) -> dict[int, torch.Tensor]:
+        """adapter_groups; derived from adapter_slot (with a host sync) where the caller did not build them."""
+        if self.adapter_groups is None:
+            slots = self.adapter_slot if self.adapter_slot is not None else torch.zeros(0, dtype=torch.int32)
+            self.adapter_groups = {s: torch.nonzero(slots == s).squeeze(1) for s in torch.unique(slots).tolist()}
+        return self.adapter_groups
 
     @property
     def num_seqs(self) -> int:

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeserve import LLM, SamplingParams
+from moeserve.engine.scheduler import RunnerOutput
 from moeserve.engine.detokenizer import IncrementalDetokenizer
 
 PROMPTS = [f"Sequence number {i} says: " + "abc " * (i % 4) for i in range(8)]
@@ -142,13 +143,19 @@ def test_stop_token_id_ends_without_its_text(llm):
 
 def test_eos_stops_unless_ignored(llm):
     eos = min(llm.engine.eos_token_ids)
-    # Force EOS by making it the only allowed stop... via stop_token_ids semantics: eos ends generation.
     engine = llm.engine
-    engine.add_request("e", PROMPTS[0], SamplingParams(temperature=0, max_tokens=5))
-    seq = engine.requests["e"].seq
-    seq.append_token(eos)  # as if the model had just sampled EOS
-    out = engine._postprocess(engine.requests["e"], eos)
-    assert out.finished and out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason is None
+    for request_id, ignore in (("e", False), ("i", True)):
+        engine.add_request(request_id, PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=ignore))
+    sched = engine.scheduler
+    batch = sched.schedule()
+    # as if the model had sampled EOS for both
+    outs = sched.update_from_output(batch, RunnerOutput(["e", "i"], [eos, eos], [None, None]))
+    by_id = {o.request_id: o for o in outs}
+    assert by_id["e"].finish_reason == "stop" and by_id["e"].stop_reason is None
+    assert by_id["i"].finish_reason is None
+    assert "e" not in sched.requests and "i" in sched.requests
+    engine.abort_request("i")
+    engine.outputs.abort("e")
     assert not engine.has_unfinished_requests()
 
 
@@ -159,7 +166,7 @@ def test_streamed_deltas_rebuild_the_text_across_multibyte_characters(llm):
     detok = IncrementalDetokenizer(tok, stop=[])
     pieces = []
     for i in range(1, len(ids) + 1):
-        new, _ = detok.update(ids[:i], finished=i == len(ids))
+        new, _ = detok.update(ids[i - 1 : i], finished=i == len(ids))
         assert "\ufffd" not in new
         pieces.append(new)
     assert "".join(pieces) == text
@@ -171,7 +178,7 @@ def test_stop_string_split_across_tokens_is_never_streamed(llm):
     detok = IncrementalDetokenizer(tok, stop=["STOP"])
     streamed = ""
     for i in range(1, len(ids) + 1):
-        new, hit = detok.update(ids[:i], finished=False)
+        new, hit = detok.update(ids[i - 1 : i], finished=False)
         streamed += new
         if hit:
             break

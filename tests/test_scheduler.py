@@ -8,7 +8,7 @@ from moeserve.engine.block_pool import BlockPool, NoFreeBlocksError
 from moeserve.engine.config import SchedulerConfig
 from moeserve.engine.kv_cache_manager import KVCacheManager
 from moeserve.engine.sampling_params import SamplingParams
-from moeserve.engine.scheduler import Scheduler
+from moeserve.engine.scheduler import RunnerOutput, Scheduler
 from moeserve.engine.sequence import Sequence, SequenceStatus
 
 
@@ -16,14 +16,14 @@ def seq(tokens, request_id="r", adapter=None):
     return Sequence(request_id, list(tokens), SamplingParams(max_tokens=100), adapter=adapter)
 
 
-def run_step(scheduler: Scheduler, out, sampled_token: int = 7) -> None:
-    """What the engine does after the runner: advance computed tokens, register full blocks, append a token."""
-    for item in out.scheduled:
-        s = item.seq
-        s.num_computed_tokens += item.num_new_tokens
-        scheduler.kv.cache_full_blocks(s)
-        if s.num_computed_tokens == s.num_tokens:
-            s.append_token(sampled_token)
+def fake_runner(out, sampled_token: int = 7) -> RunnerOutput:
+    """What a model runner would return: one token for every sequence whose tokens this step completes."""
+    done = [i.seq.request_id for i in out.scheduled if i.seq.num_computed_tokens + i.num_new_tokens == i.seq.num_tokens]
+    return RunnerOutput(done, [sampled_token] * len(done), [None] * len(done))
+
+
+def run_step(scheduler: Scheduler, out, sampled_token: int = 7) -> list:
+    return scheduler.update_from_output(out, fake_runner(out, sampled_token))
 
 
 def test_pool_accounting():
@@ -129,3 +129,71 @@ def test_finish_frees_blocks_wherever_the_sequence_is():
     run_step(sched, sched.schedule())
     sched.finish(a, "abort")
     assert a.finish_reason == "abort" and sched.kv.pool.num_free == 16 and not sched.has_unfinished()
+
+
+class FakeSlots:
+    """Adapter slots that always have room; counts acquisitions released."""
+
+    def __init__(self) -> None:
+        self.released: list = []
+
+    def assign_slot(self, ref, busy):
+        return 1
+
+    def release(self, ref) -> None:
+        self.released.append(ref)
+
+
+def test_update_from_output_stops_on_stop_token_eos_and_length():
+    sched = Scheduler(SchedulerConfig(), KVCacheManager(64, 4, False), max_model_len=12)
+    params = {
+        "stop_tok": SamplingParams(max_tokens=100, stop_token_ids=[5]),
+        "eos": SamplingParams(max_tokens=100),
+        "ignore": SamplingParams(max_tokens=100, ignore_eos=True),
+        "len": SamplingParams(max_tokens=2),
+        "ctx": SamplingParams(max_tokens=None),
+    }
+    for rid, p in params.items():
+        sched.add(Sequence(rid, list(range(10)), p, eos_token_ids=frozenset({0})))
+    batch = sched.schedule()
+    tokens = {"stop_tok": 5, "eos": 0, "ignore": 0, "len": 3, "ctx": 3}
+    outs = sched.update_from_output(batch, RunnerOutput(list(tokens), list(tokens.values()), [None] * 5))
+    reasons = {o.request_id: (o.finish_reason, o.stop_reason, o.new_token_ids) for o in outs}
+    assert reasons["stop_tok"] == ("stop", 5, [5])
+    assert reasons["eos"] == ("stop", None, [0])
+    assert reasons["ignore"][0] is None and reasons["len"][0] is None and reasons["ctx"][0] is None
+    assert set(sched.requests) == {"ignore", "len", "ctx"}
+    assert all(s.num_computed_tokens == 10 for s in sched.running)
+    batch = sched.schedule()  # decodes: "len" reaches max_tokens 2, "ctx" reaches the context of 12
+    outs = sched.update_from_output(batch, RunnerOutput(["ignore", "len", "ctx"], [4, 4, 4], [None] * 3))
+    reasons = {o.request_id: o.finish_reason for o in outs}
+    assert reasons == {"ignore": "length", "len": "length", "ctx": "length"}  # ignore's context is full too
+    assert not sched.has_unfinished() and sched.kv.pool.num_free == 64
+
+
+def test_update_from_output_skips_mid_prefill_and_survives_preemption():
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64), KVCacheManager(4, 2, False))
+    old, new = seq(range(3), "old"), seq(range(3), "new")
+    sched.add(old)
+    sched.add(new)
+    run_step(sched, sched.schedule())
+    run_step(sched, sched.schedule())
+    out = sched.schedule()
+    assert [s.request_id for s in out.preempted] == ["new"]
+    outs = run_step(sched, out)
+    assert [o.request_id for o in outs] == ["old"]
+    assert new.num_computed_tokens == 0 and new.output_token_ids == [7, 7] and "new" in sched.requests
+
+
+def test_finishing_releases_the_adapter_once():
+    slots = FakeSlots()
+    sched = Scheduler(SchedulerConfig(), KVCacheManager(16, 4, False), slots)
+    a = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=1), adapter="x", adapter_ref="ref-x")
+    b = Sequence("b", [1, 2, 3], SamplingParams(max_tokens=5), adapter="x", adapter_ref="ref-x2")
+    sched.add(a)
+    sched.add(b)
+    outs = run_step(sched, sched.schedule())
+    assert [o.finish_reason for o in outs] == ["length", None] and slots.released == ["ref-x"]
+    assert sched.abort("b") and not sched.abort("b")
+    sched.finish(b, "abort")  # already finished: nothing more to release
+    assert slots.released == ["ref-x", "ref-x2"]

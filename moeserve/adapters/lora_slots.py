@@ -107,13 +107,14 @@ class AdaptedLinear(nn.Module):
         self.routing[slot] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        slots = get_forward_context().adapter_slot
+        ctx = get_forward_context()
+        slots = ctx.adapter_slot
         if slots is None or not any(self.kind):
             return self.base(x)
-        present = [s for s in torch.unique(slots).tolist() if self.kind[s] is not None]
+        groups = ctx.token_groups()  # slot -> its token indices, built by the runner: no host sync here
+        present = [s for s in groups if self.kind[s] is not None]
         if not present:
             return self.base(x)
-        groups = {s: (slots == s).nonzero().squeeze(1) for s in present}  # slot -> its token indices
         by_kind = {k: [s for s in present if self.kind[s] == k] for k in ("lora", "ia3_in", "ia3_out")}
         if by_kind["ia3_in"]:
             x_in = x.clone()

@@ -16,6 +16,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a CPU shared with other work)"
     )
+    group.add_argument(
+        "--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly instead of from CUDA graphs"
+    )
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     group.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: from memory)")
     group.add_argument("--kv-cache-memory-fraction", type=float, default=0.8, help="of free GPU memory")
@@ -43,6 +46,7 @@ def engine_config_from_args(model: str, args: argparse.Namespace) -> EngineConfi
         device=args.device,
         seed=args.seed,
         num_threads=args.threads,
+        enforce_eager=args.enforce_eager,
         cache=CacheConfig(
             block_size=args.block_size,
             num_blocks=args.num_kv_blocks,

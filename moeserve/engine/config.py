@@ -52,6 +52,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     num_threads: int | None = None  # torch intra-op threads for CPU work; None: torch's default
+    enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (CPU always runs eagerly)
     cache: CacheConfig | None = None
     scheduler: SchedulerConfig | None = None
     adapters: AdapterLimits | None = None

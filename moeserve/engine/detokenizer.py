@@ -27,11 +27,13 @@ class IncrementalDetokenizer:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # everything released so far
         self._searched = 0  # stop strings cannot start before this offset of the decoded text
+        self._ids: list[int] = []
 
-    def update(self, token_ids: list[int], finished: bool) -> tuple[str, str | None]:
-        """Decodes the output `token_ids` so far; returns (newly released text, the stop string hit or None)."""
+    def update(self, new_token_ids: list[int], finished: bool) -> tuple[str, str | None]:
+        """Adds the output's new tokens; returns (newly released text, the stop string hit or None)."""
+        self._ids.extend(new_token_ids)
         full = self.tokenizer.decode(
-            token_ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+            self._ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
         )
         stable = full if finished else full.rstrip(REPLACEMENT)
         hit = None

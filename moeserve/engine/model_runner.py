@@ -1,13 +1,23 @@
-"""Turns a scheduled step into flat tensors and a forward context, runs the model, returns the logits to sample."""
+"""Runs one scheduled step: flat inputs and batch metadata built once on the host, the model, the sampler.
+
+The metadata is built with a few vectorised tensor operations over the whole step (no loop over tokens), decodes
+first: the first `num_decodes` sequences each bring exactly one query token, so attention can send those rows to the
+paged decode kernel and only the rest to varlen prefill attention. Everything the model's forward needs to split the
+batch (the adapter slots present, each slot's tokens, the row kinds) is computed here from host data, so the forward
+itself never reads a device value back to the host.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
+from moeserve.engine.cuda_graphs import DecodeGraphs, cuda_graph_capture
 from moeserve.engine.kv_cache import allocate_kv_cache
-from moeserve.engine.scheduler import SchedulerOutput
+from moeserve.engine.sampler import Sampler
+from moeserve.engine.scheduler import RunnerOutput, ScheduledSeq, SchedulerOutput
 from moeserve.engine.sequence import Sequence
 from moeserve.forward_context import ForwardContext, forward_context
 from moeserve.models.decoder import DecoderForCausalLM
@@ -22,66 +32,103 @@ class ModelInput:
     sample_seqs: list[Sequence]  # the n sequences, in the same order
 
 
+def decodes_first(scheduled: list[ScheduledSeq]) -> list[ScheduledSeq]:
+    """The step's sequences with the one-token rows (decodes) first, each kind in scheduling order."""
+    return [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens != 1]
+
+
 class ModelRunner:
     def __init__(
-        self, model: DecoderForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+        self,
+        model: DecoderForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        sampler: Sampler | None = None,
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 64,
+        max_model_len: int = 2048,
+        capture=cuda_graph_capture,
     ) -> None:
+        """cuda_graphs: replay base-model decode steps from CUDA graphs (moeserve.engine.cuda_graphs); `capture` is
+        the capture mechanism (tests pass an eager stand-in)."""
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.kv_caches = allocate_kv_cache(model, num_blocks, block_size, dtype, device)
+        self.sampler = sampler or Sampler()
+        # One block more than the pool hands out: the scratch block that CUDA-graph padding rows write to.
+        allocate_kv_cache(model, num_blocks + 1, block_size, dtype, device)
+        self.graphs = None
+        if cuda_graphs:
+            self.graphs = DecodeGraphs(
+                model, model.spec.hidden_size, max_num_seqs, -(-max_model_len // block_size), num_blocks,
+                block_size, device, dtype, capture,
+            )  # fmt: skip
 
     def prepare(self, batch: SchedulerOutput) -> ModelInput:
+        items = decodes_first(batch.scheduled)
+        seqs = [item.seq for item in items]
         size = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        kv_lens: list[int] = []
-        sample_indices: list[int] = []
-        sample_seqs: list[Sequence] = []
-        adapter_slots: list[int] = []
-        for item in batch.scheduled:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            adapter_slots.extend([seq.adapter_slot] * item.num_new_tokens)
-            slots.extend(seq.block_table[p // size] * size + p % size for p in range(start, end))
-            query_lens.append(item.num_new_tokens)
-            kv_lens.append(end)
-            if end == seq.num_tokens:  # the prompt (or recomputation) is complete: the last token samples
-                sample_indices.append(len(ids) - 1)
-                sample_seqs.append(seq)
-        max_blocks = max(len(item.seq.block_table) for item in batch.scheduled)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table)) for item in batch.scheduled]
+        starts = [s.num_computed_tokens for s in seqs]
+        query_lens = [item.num_new_tokens for item in items]
+        kv_lens = [start + q for start, q in zip(starts, query_lens)]
+        ids = list(chain.from_iterable(s.token_ids[a:b] for s, a, b in zip(seqs, starts, kv_lens)))
+        num_seqs, num_tokens = len(seqs), len(ids)
+
+        q_lens = torch.tensor(query_lens, dtype=torch.int64)  # [B]
+        cu = torch.zeros(num_seqs + 1, dtype=torch.int64)  # [B + 1]
+        torch.cumsum(q_lens, 0, out=cu[1:])
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
+        positions = torch.arange(num_tokens) - cu[:-1][seq_of_token] + torch.tensor(starts)[seq_of_token]  # [T]
+
+        table_lens = torch.tensor([len(s.block_table) for s in seqs])  # [B]
+        max_blocks = int(table_lens.max())
+        tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)  # [B, M]
+        tables[torch.arange(max_blocks)[None, :] < table_lens[:, None]] = torch.tensor(
+            list(chain.from_iterable(s.block_table for s in seqs)), dtype=torch.int32
+        )
+        slot_mapping = tables[seq_of_token, positions // size].long() * size + positions % size  # [T]
+
+        sample_rows = [i for i, (s, end) in enumerate(zip(seqs, kv_lens)) if end == s.num_tokens]
+        sample_indices = cu[1:][sample_rows] - 1  # [n] the last token of each sequence that completes its tokens
+
+        seq_slots = [s.adapter_slot for s in seqs]
+        adapter_slot = groups = None
+        if any(seq_slots):
+            adapter_slot = torch.tensor(seq_slots, dtype=torch.int32)[seq_of_token]  # [T]
+            groups = {slot: torch.nonzero(adapter_slot == slot).squeeze(1).to(self.device) for slot in set(seq_slots)}
+
         dev = self.device
-        cu = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0)
         context = ForwardContext(
-            cu_seqlens_q=cu.to(dev),
-            context_lens=torch.tensor(kv_lens, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            adapter_slot=torch.tensor(adapter_slots, dtype=torch.int32, device=dev) if any(adapter_slots) else None,
+            cu_seqlens_q=cu.to(dev, torch.int32),
+            context_lens=torch.tensor(kv_lens, dtype=torch.int32).to(dev),
+            slot_mapping=slot_mapping.to(dev),
+            block_tables=tables.to(dev),
+            adapter_slot=None if adapter_slot is None else adapter_slot.to(dev),
+            adapter_groups=groups,
             query_lens=query_lens,
             kv_lens=kv_lens,
         )
         return ModelInput(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev),
+            positions=positions.to(dev),
             context=context,
-            sample_indices=torch.tensor(sample_indices, dtype=torch.int64, device=dev),
-            sample_seqs=sample_seqs,
+            sample_indices=sample_indices.to(dev),
+            sample_seqs=[seqs[i] for i in sample_rows],
         )
 
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput) -> tuple[torch.Tensor, list[Sequence]]:
-        """Runs one step; returns float32 logits [n, V] and the n sequences they belong to."""
+    def execute(self, batch: SchedulerOutput) -> RunnerOutput:
+        """Runs one step and samples the next token of every sequence whose tokens are now all computed."""
         inp = self.prepare(batch)
-        with forward_context(inp.context):
-            hidden = self.model(inp.input_ids, inp.positions)  # [T, H]
+        if self.graphs is not None and self.graphs.can_run(inp.context):
+            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.context)  # [T, H]
+        else:
+            with forward_context(inp.context):
+                hidden = self.model(inp.input_ids, inp.positions)  # [T, H]
         if not inp.sample_seqs:
-            return hidden.new_empty(0, self.model.spec.vocab_size, dtype=torch.float32), []
-        logits = self.model.compute_logits(hidden[inp.sample_indices])  # [n, V]
-        return logits.float(), inp.sample_seqs
+            return RunnerOutput([], [], [])
+        logits = self.model.compute_logits(hidden[inp.sample_indices]).float()  # [n, V]
+        sampled = self.sampler(logits, inp.sample_seqs)
+        return RunnerOutput([s.request_id for s in inp.sample_seqs], sampled.token_ids, sampled.logprobs)

@@ -1,4 +1,8 @@
-"""What the engine returns for a request after each step (cumulative, plus the delta for streaming)."""
+"""What the engine returns for a request after each step: the delta for streaming, and the request so far.
+
+The cumulative fields (`text`, `token_ids`, `logprobs`) are the request's own growing state, shared rather than copied
+at every step, so streaming costs O(new tokens): read them, do not mutate them.
+"""
 
 from __future__ import annotations
 
@@ -33,5 +37,7 @@ class RequestOutput:
     finished: bool
     new_text: str = ""  # text added since the previous output of this request
     new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)  # of new_token_ids, where asked for
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
+    error: str | None = None  # the engine failed this request (it is finished, with no completion)

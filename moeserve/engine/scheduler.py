@@ -1,4 +1,4 @@
-"""Decides which sequences run in the next step and how many tokens of each.
+"""Decides which sequences run in the next step and how many tokens of each, and applies what the step produced.
 
 One token budget per step is shared by decodes (one token each) and prefills (a chunk of the prompt each):
 running sequences are served first, then waiting ones in arrival order. When the KV cache runs out of blocks, the
@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from moeserve.engine.config import SchedulerConfig
+from moeserve.engine.core_messages import EngineCoreOutput
 from moeserve.engine.kv_cache_manager import KVCacheManager
-from moeserve.engine.sequence import Sequence, SequenceStatus
+from moeserve.engine.sequence import Sequence, SequenceStatus, TokenLogprobs
 
 
 class AdapterSlots(Protocol):
@@ -24,6 +25,10 @@ class AdapterSlots(Protocol):
 
     def assign_slot(self, ref: Hashable, busy: set[int]) -> int | None:
         """A slot holding ref, never taking one in `busy`; None when there is no room this step."""
+        ...
+
+    def release(self, ref: Hashable) -> None:
+        """The sequence that acquired ref has finished."""
         ...
 
 
@@ -41,23 +46,39 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)  # sent back to waiting in this step
 
     @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
     def is_empty(self) -> bool:
         return not self.scheduled
 
 
+@dataclass
+class RunnerOutput:
+    """The model runner -> scheduler contract: what the step sampled."""
+
+    request_ids: list[str]  # the sequences that sampled a token this step (their prompt or recomputation is done)
+    sampled_token_ids: list[int]  # one per request id
+    logprobs: list[TokenLogprobs | None]  # one per request id; None where not asked for
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, slots: AdapterSlots | None = None) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        slots: AdapterSlots | None = None,
+        max_model_len: int | None = None,
+    ) -> None:
         self.config = config
         self.kv = kv
         self.slots = slots
+        self.max_model_len = max_model_len or config.max_model_len
+        self.requests: dict[str, Sequence] = {}  # every unfinished sequence, by request id
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -121,8 +142,57 @@ class Scheduler:
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 
+    def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[EngineCoreOutput]:
+        """Applies one step: computed tokens, prefix-cache registration, the sampled tokens, stop checks on tokens
+        (stop token ids, EOS, max_tokens, the context), finishing (blocks and adapter released).
+
+        Returns one output per sequence that sampled. Stop strings are the front end's: it detokenizes and aborts.
+        """
+        for item in sched.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_full_blocks(item.seq)
+        outputs = []
+        for request_id, token, logprobs in zip(result.request_ids, result.sampled_token_ids, result.logprobs):
+            seq = self.requests[request_id]
+            seq.append_token(token)
+            if logprobs is not None:
+                seq.logprobs.append(logprobs)
+            params = seq.params
+            reason, stop_token = None, None
+            if token in params.stop_token_ids:
+                reason, stop_token = "stop", token
+            elif not params.ignore_eos and token in seq.eos_token_ids:
+                reason = "stop"
+            elif (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or (
+                self.max_model_len is not None and seq.num_tokens >= self.max_model_len
+            ):
+                reason = "length"
+            if reason is not None:
+                seq.stop_reason = stop_token
+                self.finish(seq, reason)
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=request_id,
+                    new_token_ids=[token],
+                    new_logprobs=None if logprobs is None else [logprobs],
+                    finish_reason=reason,
+                    stop_reason=stop_token,
+                    num_cached_tokens=seq.num_prefix_cached_tokens,
+                    first_scheduled_time=seq.first_scheduled_time,
+                )
+            )
+        return outputs
+
+    def abort(self, request_id: str) -> bool:
+        """Ends the request now (stop string found, client gone); False for unknown or finished ids."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return False
+        self.finish(seq, "abort")
+        return True
+
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends seq (stop, length or abort) wherever it is and frees its blocks."""
+        """Ends seq (stop, length or abort) wherever it is, frees its blocks and releases its adapter."""
         if seq.is_finished:
             return
         seq.status = SequenceStatus.FINISHED
@@ -132,3 +202,6 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.free(seq)
+        self.requests.pop(seq.request_id, None)
+        if seq.adapter_ref is not None and self.slots is not None:
+            self.slots.release(seq.adapter_ref)

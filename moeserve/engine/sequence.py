@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import itertools
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -28,9 +27,6 @@ class TokenLogprobs:
     top: dict[int, float]  # token id -> logprob, most likely first
 
 
-_ids = itertools.count()
-
-
 @dataclass(eq=False)
 class Sequence:
     request_id: str
@@ -41,7 +37,6 @@ class Sequence:
     adapter_ref: Hashable | None = None  # the adapter version this request pinned (its prefix-cache key too)
     adapter_slot: int = 0  # device slot of that version while running; 0: the base model
     arrival_time: float = field(default_factory=time.monotonic)
-    seq_id: int = field(default_factory=lambda: next(_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     token_ids: list[int] = field(init=False)  # prompt + output
     num_computed_tokens: int = 0  # leading tokens whose keys/values are in the cache
@@ -74,6 +69,10 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,135 @@
+"""The engine core: the scheduler, the model runner (sampler inside) and the adapters, stepped as one loop.
+
+It takes tokenized requests and returns, per step, only what the step added (EngineCoreOutput). Tokenizing,
+detokenizing and stop strings are the front end's (moeserve.engine.output_processor). The same core runs in-process
+under the offline LLM API and in its own process behind the HTTP server (moeserve.engine.core_process).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from moeserve.adapters.manager import AdapterManager
+from moeserve.engine.config import EngineConfig
+from moeserve.engine.core_messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from moeserve.engine.kv_cache import default_num_blocks
+from moeserve.engine.kv_cache_manager import KVCacheManager
+from moeserve.engine.model_runner import ModelRunner
+from moeserve.engine.sampler import Sampler
+from moeserve.engine.scheduler import Scheduler
+from moeserve.engine.sequence import Sequence
+from moeserve.models import load_model
+
+logger = logging.getLogger(__name__)
+
+
+def eos_token_ids(model_dir: Path, tokenizer) -> frozenset[int]:
+    """End-of-sequence ids: generation_config.json's (it may list several: chat end tokens), or the tokenizer's."""
+    ids: set[int] = set()
+    try:
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, tokenizer=None) -> None:
+        self.config = config
+        model_dir = Path(config.model)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} is not a model directory: it has no config.json")
+        self.device = torch.device(config.device)
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
+        self.model = load_model(model_dir, config.torch_dtype, self.device)
+        spec = self.model.spec
+        cache, sched = config.cache, config.scheduler
+        self.max_model_len = sched.max_model_len or spec.max_position_embeddings
+        num_blocks = cache.num_blocks or default_num_blocks(
+            self.model,
+            cache.block_size,
+            config.torch_dtype,
+            self.device,
+            cache.kv_cache_memory_fraction,
+            cache.kv_cache_memory_bytes,
+        )
+        if self.max_model_len > num_blocks * cache.block_size:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} does not fit in the KV cache ({num_blocks} blocks of "
+                f"{cache.block_size} tokens): lower max_model_len or give the cache more blocks"
+            )
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.adapters = AdapterManager(self.model, config.adapters)
+        self.scheduler = Scheduler(sched, self.kv, self.adapters, self.max_model_len)
+        self.runner = ModelRunner(
+            self.model,
+            num_blocks,
+            cache.block_size,
+            config.torch_dtype,
+            self.device,
+            Sampler(config.seed),
+            cuda_graphs=self.device.type == "cuda" and not config.enforce_eager,
+            max_num_seqs=sched.max_num_seqs,
+            max_model_len=self.max_model_len,
+        )
+        self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
+        logger.info(
+            "engine core ready: %s, %d KV blocks of %d tokens, max_model_len %d",
+            spec.model_type,
+            num_blocks,
+            cache.block_size,
+            self.max_model_len,
+        )
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queues the request; UnknownAdapterError if its adapter is not registered."""
+        if request.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        ref = self.adapters.acquire(request.adapter) if request.adapter is not None else None
+        seq = Sequence(
+            request.request_id,
+            request.prompt_token_ids,
+            request.params,
+            eos_token_ids=self.eos_token_ids,
+            adapter=request.adapter,
+            adapter_ref=ref,
+            arrival_time=request.arrival_time,
+        )
+        self.scheduler.add(seq)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineCoreOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        result = self.runner.execute(batch)
+        return self.scheduler.update_from_output(batch, result)
+
+    def stats(self) -> SchedulerStats:
+        sched, manager = self.scheduler, self.adapters
+        return SchedulerStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            kv_cache_usage=self.kv.pool.usage,
+            running_adapters=sorted({s.adapter for s in sched.running if s.adapter}),
+            waiting_adapters=sorted({s.adapter for s in sched.waiting if s.adapter}),
+            max_adapter_slots=manager.max_slots,
+            resident_adapters=len(manager.resident()),
+            adapter_loads=manager.stats.loads,
+            adapter_evictions=manager.stats.evictions,
+        )
