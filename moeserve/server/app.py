@@ -60,14 +60,16 @@ class ServerConfig:
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(config.served_model_name)
     serving = OpenAIServing(engine, config.served_model_name)
-    engine.on_step = lambda outputs, _started: metrics.observe_step(engine.engine, outputs)
+    engine.on_step = metrics.observe_step
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
-        yield
-        await engine.drain(config.shutdown_timeout)
-        engine.shutdown()
+        await engine.start()
+        try:
+            yield
+            await engine.drain(config.shutdown_timeout)
+        finally:
+            engine.shutdown()
 
     app = FastAPI(title="moeserve", version=__version__, lifespan=lifespan)
     app.state.async_engine = engine
@@ -108,9 +110,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models() -> ModelList:
-        max_len = engine.engine.max_model_len
+        max_len = engine.max_model_len
         cards = [ModelCard(id=config.served_model_name, root=config.model_path, max_model_len=max_len)]
-        for info in engine.engine.adapters.list():
+        for info in await engine.list_adapters():
             cards.append(
                 ModelCard(id=info.name, root=str(info.path), parent=config.served_model_name, max_model_len=max_len)
             )
@@ -124,7 +126,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             raise APIError(400, f"{req.lora_name!r} is the base model's name", "lora_name")
         path = config.allowed_path(req.lora_path)
         try:
-            await engine.call(lambda: engine.engine.adapters.register(req.lora_name, path))
+            await engine.register_adapter(req.lora_name, path)
         except AdapterError as exc:
             raise APIError(400, str(exc), "lora_path") from exc
         logger.info("loaded adapter %s from %s", req.lora_name, path)
@@ -135,7 +137,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         if not config.enable_adapter_loading:
             raise APIError(404, "adapter loading is disabled: start the server with --enable-adapter-loading")
         try:
-            await engine.call(lambda: engine.engine.adapters.unregister(req.lora_name))
+            await engine.unregister_adapter(req.lora_name)
         except UnknownAdapterError as exc:
             raise APIError(404, str(exc).strip("'\""), "lora_name") from exc
         logger.info("unloaded adapter %s", req.lora_name)
@@ -143,8 +145,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if engine._error is not None:
-            return error_response(503, f"engine loop died: {engine._error}")
+        if engine.error is not None:
+            return error_response(503, engine.error)
         return Response(status_code=200)
 
     @app.get("/version")
@@ -153,7 +155,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        metrics.observe_step(engine.engine, [])  # gauges current even while idle
+        if engine.error is None:
+            metrics.observe_step([], await engine.call("stats"))  # gauges current even while idle
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

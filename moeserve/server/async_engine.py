@@ -1,28 +1,36 @@
-"""The bridge between asyncio request handlers and the engine loop, which steps in its own thread.
+"""The front end's side of the engine: requests in, streamed outputs back, with the engine core in its own process.
 
-Everything that touches the engine (adding and aborting requests, loading adapters, stepping) runs on the engine
-thread, in the order it was asked for, so the engine itself needs no locks. Handlers submit commands and await
-their results; outputs flow back to each request's asyncio queue as they are produced.
+Tokenizing, checking requests and detokenizing happen here, in the server's process; scheduling, the model and
+sampling in the core's (moeserve.engine.core_process). The pipe to the core is read by the event loop itself
+(`add_reader`), so every piece of front-end state is touched by one thread and needs no lock.
+
+The front end watches the core: when its process dies, every request in flight ends with EngineDeadError, a new core
+is started with the adapters registered at that moment, and requests that arrive meanwhile wait for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any
 
-from moeserve.engine.llm_engine import LLMEngine
+from transformers import AutoTokenizer
+
+from moeserve.adapters.manager import AdapterInfo, UnknownAdapterError
+from moeserve.engine.config import EngineConfig
+from moeserve.engine.core_messages import EngineCoreOutputs, SchedulerStats
+from moeserve.engine.core_process import CoreInfo, start_core_process
+from moeserve.engine.input_processor import InputProcessor
+from moeserve.engine.output_processor import OutputProcessor
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class QueueFullError(RuntimeError):
@@ -33,100 +41,184 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+_ERROR_KINDS: dict[str, type[Exception]] = {"UnknownAdapterError": UnknownAdapterError}
+
+
 @dataclass
 class _Stream:
     queue: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
-    arrival: float
     adapter: str | None
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
-        self.engine = engine
+    def __init__(
+        self,
+        config: EngineConfig,
+        adapters: dict[str, Path] | None = None,
+        max_waiting: int | None = None,
+        start_timeout: float = 600.0,
+    ) -> None:
+        self.config = config
         self.max_waiting = max_waiting
-        self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self.start_timeout = start_timeout
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        # name -> path of every registered adapter, in registration order: what a restarted core loads.
+        self.adapters: dict[str, Path] = {name: Path(path) for name, path in (adapters or {}).items()}
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.stats = SchedulerStats()
+        self.on_step: Callable[[list[RequestOutput], SchedulerStats], None] | None = None  # metrics hook
+        self.restarts = 0
         self._streams: dict[str, _Stream] = {}
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="moeserve-engine", daemon=True)
-        self._error: BaseException | None = None
-        self.on_step: Callable[[list[RequestOutput], float], None] | None = None  # metrics hook, engine thread
+        self._calls: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Event | None = None
+        self._error: str | None = None  # why the core is down (None while it serves)
+        self._closing = False
+        self._spawn()  # synchronously: a bad model or adapter fails `moeserve serve` at start
 
-    # --- engine thread ---
+    # --- the core process ---
 
-    def start(self) -> None:
-        self._thread.start()
+    def _spawn(self) -> None:
+        adapters = [(name, str(path)) for name, path in self.adapters.items()]
+        self.proc, self.conn, info = start_core_process(self.config, adapters, self.start_timeout)
+        self.info: CoreInfo = info
+        self.inputs = InputProcessor(self.tokenizer, info.vocab_size, info.max_model_len)
 
-    def _run(self) -> None:
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    async def start(self) -> None:
+        """Attaches the pipe to the running event loop (the server's lifespan calls this)."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._attach()
+
+    def _attach(self) -> None:
+        self._loop.add_reader(self.conn.fileno(), self._on_readable)
+        self._error = None
+        self._ready.set()
+
+    def _on_readable(self) -> None:
         try:
-            while not self._stop.is_set():
-                self._run_commands()
-                if not self.engine.has_unfinished_requests():
-                    self._wake.wait(timeout=0.05)
-                    self._wake.clear()
-                    continue
-                started = time.monotonic()
-                outputs = self.engine.step()
-                if self.on_step is not None:
-                    self.on_step(outputs, started)
-                for out in outputs:
-                    self._deliver(out.request_id, out)
-        except BaseException as exc:  # the engine is broken: fail every waiting request instead of hanging
-            logger.exception("engine loop died")
-            self._error = exc
-            for request_id in list(self._streams):
-                self._deliver(request_id, EngineDeadError(f"engine loop died: {exc}"))
-            self._fail_commands(exc)
+            while self.conn.poll(0):
+                self._on_message(self.conn.recv())
+        except (EOFError, OSError):
+            self._on_core_death()
 
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                fn, fut = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if not fut.set_running_or_notify_cancel():
+    def _on_message(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "outputs":
+            self._on_outputs(message[1])
+        elif kind == "result":
+            _, call_id, ok, value = message
+            fut = self._calls.pop(call_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(value) if ok else fut.set_exception(value)
+
+    def _on_outputs(self, step: EngineCoreOutputs) -> None:
+        for out in step.outputs:
+            if out.error is not None:  # the core refused this request alone
+                self.outputs.abort(out.request_id)
+                stream = self._streams.pop(out.request_id, None)
+                if stream is not None:
+                    stream.queue.put_nowait(_ERROR_KINDS.get(out.error_kind or "", ValueError)(out.error))
+        results, stopped = self.outputs.process(step.outputs, time.monotonic())
+        if stopped:
+            self._send(("abort", stopped))
+        if step.stats is not None:
+            self.stats = step.stats
+        if self.on_step is not None:
+            self.on_step(results, self.stats)
+        for out in results:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
                 continue
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:
-                fut.set_exception(exc)
+            if out.finished:
+                del self._streams[out.request_id]
+            stream.queue.put_nowait(out)
 
-    def _fail_commands(self, exc: BaseException) -> None:
-        while True:
-            try:
-                _, fut = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if fut.set_running_or_notify_cancel():
-                fut.set_exception(EngineDeadError(str(exc)))
+    def _on_core_death(self) -> None:
+        self._loop.remove_reader(self.conn.fileno())
+        self.proc.join(timeout=5)
+        reason = f"the engine core process died (exit code {self.proc.exitcode})"
+        self._error = reason
+        self._ready.clear()
+        for request_id, stream in self._streams.items():
+            self.outputs.abort(request_id)
+            stream.queue.put_nowait(EngineDeadError(f"{reason}; the request was lost and the core is restarting"))
+        self._streams.clear()
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(EngineDeadError(reason))
+        self._calls.clear()
+        if not self._closing:
+            logger.error("%s: restarting it with %d adapters", reason, len(self.adapters))
+            self._loop.create_task(self._restart())
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
+    async def _restart(self) -> None:
+        try:
+            await self._loop.run_in_executor(None, self._spawn)
+        except Exception as exc:
+            self._error = f"the engine core could not be restarted: {exc}"
+            logger.error(self._error)
             return
-        if isinstance(item, BaseException) or item.finished:
-            self._streams.pop(request_id, None)
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        self.restarts += 1
+        self._attach()
+        logger.info("engine core restarted (pid %d)", self.info.pid)
 
-    # --- any thread ---
-
-    async def call(self, fn: Callable[[], T]) -> T:
-        """Runs fn on the engine thread between steps and returns its result (or raises its exception)."""
+    def _send(self, message: tuple) -> None:
         if self._error is not None:
-            raise EngineDeadError(f"engine loop died: {self._error}")
-        fut: Future = Future()
-        self._commands.put((fn, fut))
-        self._wake.set()
-        return await asyncio.wrap_future(fut)
+            raise EngineDeadError(self._error)
+        try:
+            self.conn.send(message)
+        except (BrokenPipeError, OSError) as exc:
+            raise EngineDeadError(f"the engine core is unreachable: {exc}") from exc
+
+    async def _wait_ready(self, timeout: float = 60.0) -> None:
+        if self._ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise EngineDeadError(self._error or "the engine core is not ready") from None
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """Runs one of the core's calls (core_process.CALLS) between steps and returns its result."""
+        await self._wait_ready()
+        call_id = next(self._call_ids)
+        fut = self._loop.create_future()
+        self._calls[call_id] = fut
+        self._send(("call", call_id, method, args))
+        return await fut
+
+    # --- adapters, mirrored here so requests are checked without a round trip ---
+
+    def is_registered(self, name: str) -> bool:
+        return name in self.adapters
+
+    async def register_adapter(self, name: str, path: Path) -> AdapterInfo:
+        info = await self.call("register_adapter", name, str(path))
+        self.adapters[name] = Path(path)
+        return info
+
+    async def unregister_adapter(self, name: str) -> None:
+        await self.call("unregister_adapter", name)
+        self.adapters.pop(name, None)
+
+    async def list_adapters(self) -> list[AdapterInfo]:
+        return await self.call("list_adapters")
+
+    # --- requests ---
 
     @property
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
+        return max(0, len(self._streams) - self.stats.num_running)
 
     async def generate(
         self,
@@ -136,21 +228,25 @@ class AsyncEngine:
         adapter: str | None = None,
         index: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs as the engine produces them; cancelling the iteration aborts the request."""
-        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic(), adapter)
-
-        def add() -> None:
-            if self.max_waiting is not None and self.num_waiting >= self.max_waiting:
-                raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
-            self.engine.add_request(request_id, prompt, params, adapter=adapter, index=index)
-            self._streams[request_id] = stream
-
-        await self.call(add)
+        """Yields the request's outputs as the core produces them; closing the iteration early aborts the request."""
+        await self._wait_ready()
+        if self.max_waiting is not None and self.num_waiting >= self.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
+        if adapter is not None and not self.is_registered(adapter):
+            raise UnknownAdapterError(f"no adapter named {adapter!r} is loaded")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = self.inputs.process(request_id, prompt, params, adapter)
+        stream = _Stream(asyncio.Queue(), adapter)
+        self._send(("add", request))
+        self._streams[request_id] = stream
+        self.outputs.add(request, prompt if isinstance(prompt, str) else None, index)
         finished = False
         try:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
                 yield item
                 if item.finished:
@@ -159,21 +255,32 @@ class AsyncEngine:
         finally:
             if not finished:  # the client went away or the handler failed: free the request's KV blocks
                 self._streams.pop(request_id, None)
+                self.outputs.abort(request_id)
                 if self._error is None:
-                    self._commands.put((lambda: self.engine.abort_request(request_id), Future()))
-                    self._wake.set()
+                    self._send(("abort", [request_id]))
 
     async def drain(self, timeout: float) -> None:
-        """Waits up to `timeout` seconds for running requests to finish, then aborts the rest."""
+        """Waits up to `timeout` seconds for running requests to finish, then ends the rest with an error."""
         deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for request_id in list(self._streams):
-            self._deliver(request_id, EngineDeadError("the server is shutting down"))
-            await self.call(lambda rid=request_id: self.engine.abort_request(rid))
+        for request_id, stream in list(self._streams.items()):
+            stream.queue.put_nowait(EngineDeadError("the server is shutting down"))
+        self._streams.clear()
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self._closing = True
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self.conn.fileno())
+            except (ValueError, OSError):
+                pass
+        try:
+            self.conn.send(("shutdown",))
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        self.conn.close()

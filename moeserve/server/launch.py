@@ -10,7 +10,6 @@ from pathlib import Path
 import uvicorn
 
 from moeserve.engine.config import EngineConfig
-from moeserve.engine.llm_engine import LLMEngine
 from moeserve.server.app import ServerConfig, build_app
 from moeserve.server.async_engine import AsyncEngine
 
@@ -23,10 +22,8 @@ def build_server(
     adapters: dict[str, Path] | None = None,
     max_waiting: int | None = None,
 ):
-    engine = LLMEngine(engine_config)
-    for name, path in (adapters or {}).items():
-        engine.adapters.register(name, path)
-    return build_app(AsyncEngine(engine, max_waiting=max_waiting), server_config)
+    """The app, with its engine core already started in its own process (adapters registered there)."""
+    return build_app(AsyncEngine(engine_config, adapters, max_waiting=max_waiting), server_config)
 
 
 def serve(app, host: str, port: int, log_level: str = "info") -> None:

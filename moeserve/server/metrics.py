@@ -7,6 +7,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from moeserve.engine.core_messages import SchedulerStats
 from moeserve.engine.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
@@ -69,20 +70,21 @@ class ServerMetrics:
         self._last_token_time: dict[str, float] = {}
         self._lora_labels: tuple[str, str, str] | None = None
         self._seen_loads = self._seen_evictions = 0
-        self._lock = threading.Lock()  # the engine thread and /metrics scrapes both update
+        self._lock = threading.Lock()  # several servers' threads may share the process (tests)
 
-    def observe_step(self, engine, outputs: list[RequestOutput]) -> None:
-        """Called on the engine thread after each step (and with no outputs by /metrics, to refresh gauges)."""
+    def observe_step(self, outputs: list[RequestOutput], stats: SchedulerStats) -> None:
+        """Called after each engine step with its outputs and the core's stats (by /metrics with no outputs)."""
         with self._lock:
-            self._observe(engine, outputs)
+            self._observe(outputs, stats)
 
-    def _observe(self, engine, outputs: list[RequestOutput]) -> None:
+    def _observe(self, outputs: list[RequestOutput], stats: SchedulerStats) -> None:
         now, m = time.monotonic(), self.model_name
-        sched = engine.scheduler
-        self.running.labels(m).set(len(sched.running))
-        self.waiting.labels(m).set(len(sched.waiting))
-        self.kv_usage.labels(m).set(engine.kv.pool.usage)
+        self.running.labels(m).set(stats.num_running)
+        self.waiting.labels(m).set(stats.num_waiting)
+        self.kv_usage.labels(m).set(stats.kv_cache_usage)
         for out in outputs:
+            if out.error is not None:
+                continue
             rid = out.request_id
             self.generation_tokens.labels(m).inc(len(out.new_token_ids))
             last = self._last_token_time.get(rid)
@@ -99,22 +101,19 @@ class ServerMetrics:
                 self._last_token_time.pop(rid, None)
                 self.request_success.labels(m, out.outputs[0].finish_reason or "unknown").inc()
                 self.e2e.labels(m).observe(now - arrival)
-        self._observe_adapters(engine)
+        self._observe_adapters(stats)
 
-    def _observe_adapters(self, engine) -> None:
-        sched = engine.scheduler
-        running = ",".join(sorted({s.adapter for s in sched.running if s.adapter}))
-        waiting = ",".join(sorted({s.adapter for s in sched.waiting if s.adapter}))
-        manager, m = engine.adapters, self.model_name
-        labels = (str(manager.max_slots), running, waiting)
+    def _observe_adapters(self, stats: SchedulerStats) -> None:
+        m = self.model_name
+        labels = (str(stats.max_adapter_slots), ",".join(stats.running_adapters), ",".join(stats.waiting_adapters))
         if labels != self._lora_labels:
             if self._lora_labels is not None:
                 self.lora_info.remove(*self._lora_labels)
             self._lora_labels = labels
         self.lora_info.labels(*labels).set(time.time())
-        self.adapter_slots.labels(m).set(manager.max_slots)
-        self.adapters_resident.labels(m).set(len(manager.resident()))
-        stats = manager.stats
-        self.adapter_loads.labels(m).inc(stats.loads - self._seen_loads)
-        self.adapter_evictions.labels(m).inc(stats.evictions - self._seen_evictions)
-        self._seen_loads, self._seen_evictions = stats.loads, stats.evictions
+        self.adapter_slots.labels(m).set(stats.max_adapter_slots)
+        self.adapters_resident.labels(m).set(stats.resident_adapters)
+        # Cumulative in the core; a restarted core counts from 0 again.
+        self.adapter_loads.labels(m).inc(max(0, stats.adapter_loads - self._seen_loads))
+        self.adapter_evictions.labels(m).inc(max(0, stats.adapter_evictions - self._seen_evictions))
+        self._seen_loads, self._seen_evictions = stats.adapter_loads, stats.adapter_evictions

@@ -35,7 +35,7 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, served_model_name: str) -> None:
         self.engine = engine
         self.model_name = served_model_name
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
 
     # --- shared ---
 
@@ -43,7 +43,7 @@ class OpenAIServing:
         """The adapter a request's `model` field names (None: the base model); 404 for an unknown name."""
         if model == self.model_name:
             return None
-        if self.engine.engine.adapters.is_registered(model):
+        if self.engine.is_registered(model):
             return model
         raise APIError(404, f"the model {model!r} does not exist", "model")
 
@@ -177,8 +177,7 @@ class OpenAIServing:
             prompt_tokens = len(out.prompt_token_ids)
             logprobs = None
             if req.logprobs is not None:
-                new = (c.logprobs or [])[len(c.logprobs or []) - len(out.new_token_ids) :]
-                logprobs = self._completion_logprobs(new, offsets[c.index]).model_dump()
+                logprobs = self._completion_logprobs(out.new_logprobs, offsets[c.index]).model_dump()
             offsets[c.index] += len(out.new_text)
             if out.new_text or out.finished or logprobs:
                 choice = {
@@ -306,8 +305,7 @@ class OpenAIServing:
             c = out.outputs[0]
             logprobs = None
             if req.logprobs:
-                new = (c.logprobs or [])[len(c.logprobs or []) - len(out.new_token_ids) :]
-                logprobs = self._chat_logprobs(new).model_dump()
+                logprobs = self._chat_logprobs(out.new_logprobs).model_dump()
             if out.new_text or logprobs:
                 yield chunk(
                     [

@@ -1,0 +1,142 @@
+"""The engine core in a process of its own, so the model never waits for HTTP, JSON or detokenizing (and they never
+wait for the model): the two sides share no interpreter lock.
+
+The front end and the core talk over one duplex pipe of pickled tuples:
+
+    front end -> core   ("add", EngineCoreRequest) | ("abort", [request ids]) | ("call", call_id, method, args)
+                        | ("shutdown",)
+    core -> front end   ("ready", CoreInfo) | ("outputs", EngineCoreOutputs) | ("result", call_id, ok, value)
+                        | ("failed", message)
+
+The core drains every message waiting before each step (so requests that arrive together are batched together),
+steps while it has work, and blocks on the pipe when idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from moeserve.engine.config import EngineConfig
+from moeserve.engine.core import EngineCore
+from moeserve.engine.core_messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CoreInfo:
+    """What the front end needs to know of the model to check requests itself."""
+
+    max_model_len: int
+    vocab_size: int
+    pid: int
+
+
+# The calls the front end may make on the core between steps (adapter management and stats).
+CALLS = ("register_adapter", "unregister_adapter", "list_adapters", "stats", "has_unfinished_requests")
+
+
+class _CoreServer:
+    def __init__(self, core: EngineCore, conn: Connection) -> None:
+        self.core = core
+        self.conn = conn
+
+    def register_adapter(self, name: str, path: str, replace: bool = False):
+        return self.core.adapters.register(name, path, replace=replace)
+
+    def unregister_adapter(self, name: str) -> None:
+        self.core.adapters.unregister(name)
+
+    def list_adapters(self):
+        return self.core.adapters.list()
+
+    def stats(self):
+        return self.core.stats()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def handle(self, message: tuple) -> bool:
+        """Applies one message; False on shutdown."""
+        kind = message[0]
+        if kind == "add":
+            request: EngineCoreRequest = message[1]
+            try:
+                self.core.add_request(request)
+            except Exception as exc:  # this request alone is refused (an adapter unregistered meanwhile, ...)
+                error = EngineCoreOutput(request.request_id, [], error=str(exc), error_kind=type(exc).__name__)
+                self.conn.send(("outputs", EngineCoreOutputs([error])))
+        elif kind == "abort":
+            self.core.abort_requests(message[1])
+        elif kind == "call":
+            _, call_id, method, args = message
+            try:
+                if method not in CALLS:
+                    raise ValueError(f"unknown engine core call {method!r}")
+                self.conn.send(("result", call_id, True, getattr(self, method)(*args)))
+            except Exception as exc:
+                self.conn.send(("result", call_id, False, exc))
+        elif kind == "shutdown":
+            return False
+        return True
+
+    def run(self) -> None:
+        core, conn = self.core, self.conn
+        while True:
+            if not core.has_unfinished_requests():
+                conn.poll(None)  # idle: sleep until the front end says something
+            while conn.poll(0):
+                if not self.handle(conn.recv()):
+                    return
+            if core.has_unfinished_requests():
+                started = time.monotonic()
+                outputs = core.step()
+                conn.send(("outputs", EngineCoreOutputs(outputs, core.stats(), started)))
+
+
+def run_engine_core(config: EngineConfig, adapters: list[tuple[str, str]], conn: Connection) -> None:
+    """Entry point of the core process: build the core, register the adapters, serve the pipe until shutdown."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        core = EngineCore(config)
+        for name, path in adapters:
+            core.adapters.register(name, path)
+    except Exception as exc:
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", CoreInfo(core.max_model_len, core.model.spec.vocab_size, multiprocessing.current_process().pid)))
+    try:
+        _CoreServer(core, conn).run()
+    except (EOFError, BrokenPipeError):  # the front end is gone
+        pass
+
+
+class CoreStartError(RuntimeError):
+    """The engine core process could not start (its message says why: a bad model or adapter directory, ...)."""
+
+
+def start_core_process(
+    config: EngineConfig, adapters: list[tuple[str, str]], timeout: float = 600.0
+) -> tuple[multiprocessing.Process, Connection, CoreInfo]:
+    """Spawns the core process and waits until it has loaded the model and the adapters."""
+    ctx = multiprocessing.get_context("spawn")  # no fork: the front end has threads (uvicorn, tokenizers)
+    ours, theirs = ctx.Pipe(duplex=True)
+    proc = ctx.Process(target=run_engine_core, args=(config, adapters, theirs), name="moeserve-core", daemon=True)
+    proc.start()
+    theirs.close()
+    deadline = time.monotonic() + timeout
+    while not ours.poll(0.1):
+        if not proc.is_alive():
+            raise CoreStartError(f"the engine core process exited with code {proc.exitcode} before it was ready")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise CoreStartError(f"the engine core was not ready after {timeout:.0f} s")
+    message = ours.recv()
+    if message[0] != "ready":
+        proc.join(timeout=10)
+        raise CoreStartError(message[1])
+    return proc, ours, message[1]
