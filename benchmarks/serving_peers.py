@@ -31,6 +31,7 @@ from pathlib import Path
 __all__ = ["LLAMA", "PEERS", "VLLM", "PeerPaths", "peer_missing", "start_llama", "start_vllm"]
 
 import httpx
+from serving_client import moeserve_body
 from serving_report import LLAMA, PEERS, VLLM
 from serving_workload import BASE
 
@@ -80,10 +81,7 @@ def check_attention_lora(adapters: dict[str, Path]) -> None:
                              "serve plain LoRA on q_proj/k_proj/v_proj/o_proj only")  # fmt: skip
 
 
-def vllm_body(adapter: str | None, prompt: list[int], out_len: int) -> dict:
-    """A streamed /v1/completions request for vLLM: the adapter is picked by `model`."""
-    return {"model": adapter or BASE, "prompt": prompt, "max_tokens": out_len, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+vllm_body = moeserve_body  # vLLM picks the adapter by `model`, as moeserve does
 
 
 def llama_body(lora_ids: dict[str, int], adapter: str | None, prompt: list[int], out_len: int) -> dict:
@@ -104,6 +102,7 @@ def _server(cmd: list[str], env: dict[str, str], name: str, ready: Callable[[str
     """Runs `cmd` in its own process group until the context ends; `ready(log_text)` says when it serves."""
     log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{name}-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    clean = False  # the log is kept (and named in the error) when the server failed to start or a run failed
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -117,6 +116,7 @@ def _server(cmd: list[str], env: dict[str, str], name: str, ready: Callable[[str
             time.sleep(0.5)
         logger.info("%s ready (log %s)", name, log.name)
         yield
+        clean = True
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)  # the scripts' servers and workers share the group
@@ -127,6 +127,8 @@ def _server(cmd: list[str], env: dict[str, str], name: str, ready: Callable[[str
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
+        if clean:
+            os.unlink(log.name)
 
 
 def _healthy(url: str) -> bool:
