@@ -132,7 +132,20 @@ def measure_bandwidth(device: str, gib: float = 1.0, repeats: int = 20) -> float
     return 2 * x.numel() * x.element_size() / statistics.median(times)
 
 
-def decode_steps(model_dir: Path, batch: int, context: int, steps: int, dtype: str, device: str) -> list[float]:
+def eager_config() -> dict[str, bool]:
+    """The EngineConfig field that turns CUDA graphs off (`enforce_eager`), where this engine has it."""
+    import dataclasses
+
+    from moeserve.engine.config import EngineConfig
+
+    if "enforce_eager" not in {f.name for f in dataclasses.fields(EngineConfig)}:
+        raise NotImplementedError("this engine has no EngineConfig.enforce_eager: it has no CUDA graphs to turn off")
+    return {"enforce_eager": True}
+
+
+def decode_steps(
+    model_dir: Path, batch: int, context: int, steps: int, dtype: str, device: str, eager: bool = False
+) -> list[float]:
     """moeserve's engine: B requests with `context`-token prompts, prefilled, then `steps` timed decode steps."""
     import random
 
@@ -143,7 +156,7 @@ def decode_steps(model_dir: Path, batch: int, context: int, steps: int, dtype: s
     block = 16
     max_len = context + steps + 2
     engine = LLMEngine(EngineConfig(
-        model=str(model_dir), dtype=dtype, device=device,
+        model=str(model_dir), dtype=dtype, device=device, **(eager_config() if eager else {}),
         cache=CacheConfig(block_size=block, num_blocks=batch * (-(-max_len // block) + 1) + 8),
         scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=max(8192, context), max_model_len=max_len),
     ))  # fmt: skip
@@ -181,7 +194,8 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for context in args.context:
         for batch in args.batch:
-            times = decode_steps(args.model_dir, batch, context, args.steps, args.dtype, args.device)
+            times = decode_steps(args.model_dir, batch, context, args.steps, args.dtype, args.device,
+                                 args.enforce_eager)  # fmt: skip
             measured = statistics.median(times)
             b = step_bytes(config, batch, context + args.steps / 2, dtype_bytes)
             roofline = (b.weights + b.kv) / bandwidth
@@ -192,11 +206,13 @@ def run(args: argparse.Namespace) -> dict:
             logger.info("B=%d C=%d: %.2f ms/step, roofline %.2f ms", batch, context, 1000 * measured, 1000 * roofline)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     return {"model": str(args.model_dir), "layers": config.num_hidden_layers, "device": device_name,
-            "dtype": args.dtype, "bandwidth_gb_s": bandwidth / 1e9, "steps": args.steps, "rows": rows}  # fmt: skip
+            "enforce_eager": args.enforce_eager, "dtype": args.dtype, "bandwidth_gb_s": bandwidth / 1e9,
+            "steps": args.steps, "rows": rows}  # fmt: skip
 
 
 def markdown(report: dict) -> str:
-    lines = [f"- model `{report['model']}` ({report['layers']} layers), {report['dtype']} on {report['device']}; "
+    lines = [f"- model `{report['model']}` ({report['layers']} layers), {report['dtype']} on {report['device']}"
+             + (" (enforce_eager: no CUDA graphs)" if report.get("enforce_eager") else "") + "; "
              f"measured copy bandwidth {report['bandwidth_gb_s']:.0f} GB/s; median of {report['steps']} decode steps",
              "", "| B | context | step ms (median) | p90 ms | weights read GB | KV read GB | roofline ms | roofline / "
              "measured | output tok/s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -225,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--context", type=int, nargs="+", default=[512, 2048], help="prompt tokens of each sequence")
     r.add_argument("--steps", type=int, default=32, help="timed decode steps per (B, context)")
     r.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the buffer the bandwidth copy uses")
+    r.add_argument("--enforce-eager", action="store_true",
+                   help="the engine without CUDA graphs (EngineConfig.enforce_eager; exits 3 where it has none)")
     r.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
     return p
 
@@ -235,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "make":
         make(args.shape, args.out_dir, args.num_layers, getattr(torch, args.dtype), args.device, args.seed)
         return 0
+    if args.enforce_eager:
+        try:
+            eager_config()
+        except NotImplementedError as e:
+            print(f"not run: {e}", file=sys.stderr)
+            return 3
     report = run(args)
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=1))

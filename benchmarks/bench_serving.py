@@ -7,9 +7,12 @@ popularity, fixed prompt and output lengths with ignore_eos), each system serves
   moeserve offline             the same engine stepped in this process, no HTTP (where the server's time goes)
   transformers+peft            `generate` batched per adapter group, groups in turn (see baselines.py per method)
   transformers generate_batch  transformers' continuous batching, base-model cells only
+  vllm, llama-server           peer engines, each its own OpenAI server on loopback (serving_peers.py), on the peer
+                               cells only (--peer-cells: N concurrent requests over the base or K attention LoRAs)
 
 and reports output tokens/s, time to first token and inter-token latency (p50/p99), the ratio moeserve / baseline,
-and the cost of heterogeneity (tokens/s with K adapters / tokens/s of the base model alone, same N).
+and the cost of heterogeneity (tokens/s with K adapters / tokens/s of the base model alone, same N); on the peer
+cells also moeserve / vllm, moeserve / llama-server and moeserve / moeserve offline.
 Systems alternate within each repetition (the order flips every repetition) and the medians over repetitions are
 reported with the throughput spread, because CPU machines are shared.
 
@@ -17,6 +20,8 @@ Examples:
   python benchmarks/bench_serving.py                                         # the CPU grid of docs/benchmarks.md
   python benchmarks/bench_serving.py --n 2 --k 1 --k1-methods lora --out-len 4 --reps 1   # a quick look
   python benchmarks/bench_serving.py --device cuda --dtype bfloat16 --model DIR --n 1 8 32 128 --k 0 1 8 32
+  python benchmarks/bench_serving.py --model builtin --systems moeserve "moeserve offline" vllm llama-server \
+      --only-peer-cells --peer-cells 16x0 32x0 16x8 32x8 --prompt-len 33 --out-len 32   # the peers (docs/benchmarks.md)
 
 Writes OUT_DIR/report.json (every run), OUT_DIR/report.md (the tables) and OUT_DIR/serving_*.png (plots).
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import os
@@ -38,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from serving_report import HF, HF_CB, MOESERVE, OFFLINE, SYSTEMS  # noqa: E402
+from serving_report import BASELINES, HF, HF_CB, MOESERVE, OFFLINE, PEERS, SYSTEMS, VLLM  # noqa: E402
 from serving_timings import RunTimings, median_summary  # noqa: E402
 from serving_workload import (  # noqa: E402
     DEFAULT_METHODS,
@@ -54,6 +60,7 @@ from serving_workload import (  # noqa: E402
 )  # fmt: skip
 
 logger = logging.getLogger("bench_serving")
+ROOT = Path(__file__).resolve().parent.parent
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -80,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reps", type=int, default=5, help="repetitions of every (cell, system); medians are reported")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("systems")
-    g.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS),
-                   help="'moeserve offline' is the same engine stepped in this process, without HTTP")  # fmt: skip
+    g.add_argument("--systems", nargs="+", default=list(BASELINES), choices=list(SYSTEMS),
+                   help="'moeserve offline' is the same engine stepped in this process, without HTTP; the peers "
+                        f"({', '.join(PEERS)}) run only when named here, on the peer cells")  # fmt: skip
     g.add_argument("--server", default="subprocess", choices=["subprocess", "inprocess"],
                    help="moeserve serve in its own process, or in a thread of this one (the smoke test)")  # fmt: skip
     g.add_argument("--device", default="cpu", help="cpu or cuda (every system)")
@@ -92,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "when other processes hold the cores")  # fmt: skip
     g.add_argument("--block-size", type=int, default=16, help="KV block size (moeserve and generate_batch)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="moeserve's token budget per step")
+    g = p.add_argument_group("peers (vLLM CPU, llama.cpp's llama-server): shared/peers/README.md")
+    g.add_argument("--peer-cells", nargs="+", default=["16x0", "32x0", "16x8", "32x8"], metavar="NxK",
+                   help="the cells the peers serve (every other system serves them too): N concurrent requests over "
+                        "the base model (K = 0) or K attention LoRA adapters (method lora, round robin)")  # fmt: skip
+    g.add_argument("--only-peer-cells", action="store_true", help="the grid is the peer cells alone (--n/--k unused)")
+    g.add_argument("--peers-dir", type=Path, default=ROOT.parent / "shared" / "peers",
+                   help="the peers' scripts (start_vllm.sh, convert.sh, start_llama_server.sh)")  # fmt: skip
+    g.add_argument("--vllm-venv", type=Path, default=Path("~/.cache/peers/vllm-venv").expanduser(),
+                   help="install_vllm_cpu.sh's venv")  # fmt: skip
+    g.add_argument("--llama-cpp-dir", type=Path, default=Path("~/.cache/peers/llama.cpp").expanduser(),
+                   help="install_llama_cpp.sh's llama.cpp (build/bin/llama-server inside)")  # fmt: skip
+    g.add_argument("--peer-start-timeout", type=float, default=600.0, help="seconds a peer may take to start")
     g = p.add_argument_group("bounds and output")
     g.add_argument("--run-timeout", type=float, default=300.0, help="seconds one run of one system may take")
     g.add_argument("--max-seconds", type=float, default=840.0,
@@ -114,9 +134,8 @@ def machine_info() -> dict[str, str]:
                 break
     except OSError:
         pass
-    root = Path(__file__).resolve().parent.parent
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                            text=True).stdout  # fmt: skip
     info = {"cpu": cpu, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
             "python": platform.python_version(), "torch": torch.__version__, "commit": commit.strip() + (
@@ -143,10 +162,69 @@ def _engine_args(args, max_n: int, pool_size: int) -> dict[str, int | str]:
             "max_cpu_adapters": max(pool_size, 1)}  # fmt: skip
 
 
-def _systems_for(cell: Cell, systems: list[str], rep: int) -> list[str]:
+def _systems_for(cell: Cell, systems: list[str], rep: int, peer_keys: set[str] = frozenset()) -> list[str]:
     """The systems that serve this cell, in an order that flips every repetition."""
-    chosen = [s for s in SYSTEMS if s in systems and (s != HF_CB or cell.k == 0)]
+    chosen = [s for s in SYSTEMS if s in systems and (s != HF_CB or cell.k == 0) and (s not in PEERS or cell.key
+              in peer_keys)]  # fmt: skip
     return chosen if rep % 2 == 0 else chosen[::-1]
+
+
+def parse_peer_cells(specs: list[str]) -> list[Cell]:
+    """`NxK` -> N concurrent requests over the base (K = 0) or K LoRA adapters (lora-0 ... lora-K-1, round robin)."""
+    cells = []
+    for spec in specs:
+        try:
+            n, k = (int(x) for x in spec.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--peer-cells {spec!r}: write N concurrent requests x K adapters, e.g. 16x8") from None
+        if n < 1 or not 0 <= k <= n:
+            raise ValueError(f"--peer-cells {spec!r}: need N >= 1 and 0 <= K <= N")
+        cells.append(Cell(n, 0, "uniform", ()) if k == 0 else Cell(n, k, "uniform", ("lora",)))
+    return cells
+
+
+def peer_paths(args: argparse.Namespace):
+    from serving_peers import PeerPaths
+
+    peers_dir = args.peers_dir
+    if not peers_dir.exists() and (ROOT / "shared" / "peers").exists():
+        peers_dir = ROOT / "shared" / "peers"  # a checkout that carries shared/ inside it
+    return PeerPaths(peers_dir, args.vllm_venv, args.llama_cpp_dir)
+
+
+def start_peers(stack: contextlib.ExitStack, args, model_dir: Path, pool: dict[str, Path], peer_cells: list[Cell],
+                report: dict) -> dict:  # fmt: skip
+    """Starts every peer named in --systems that is installed here; returns system -> runner (the others are listed
+    in report["peers_skipped"] with the reason)."""
+    from serving_client import run_http
+    from serving_peers import peer_missing, start_llama, start_vllm
+
+    runners = {}
+    paths = peer_paths(args)
+    names = sorted({a for c in peer_cells for a in adapter_names(c)})
+    peer_pool = {n: pool[n] for n in names}
+    for system in (s for s in PEERS if s in args.systems):
+        why = None if peer_cells else "no peer cells (--peer-cells)"
+        why = why or peer_missing(system, paths)
+        if why is None:
+            try:
+                if system == VLLM:
+                    server = start_vllm(paths, model_dir, peer_pool, args.dtype, args.threads, args.peer_start_timeout)
+                else:
+                    server = start_llama(paths, model_dir, peer_pool, args.dtype, args.threads,
+                                         max(c.n for c in peer_cells), args.work_dir / f"gguf-{model_dir.name}",
+                                         args.peer_start_timeout)  # fmt: skip
+                url, body = stack.enter_context(server)
+            except (RuntimeError, ValueError, OSError) as e:
+                why = f"{system} did not start: {e}"
+        if why is not None:
+            logger.warning("%s", why)
+            report["peers_skipped"][system] = why
+            continue
+        # vLLM: no connection kept from one wave to the next (shared/peers/README.md, last paragraph)
+        runners[system] = functools.partial(run_http, url, timeout=args.run_timeout, body=body,
+                                            keepalive=system != VLLM)  # fmt: skip
+    return runners
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
@@ -158,7 +236,11 @@ def run_sweep(args: argparse.Namespace) -> dict:
     model_dir = resolve_model(args.model, args.work_dir)
     vocab = prompt_vocab(model_dir)
     methods = args.methods or default_methods(model_dir)
-    cells = build_grid(args.n, args.k, args.popularity, methods, args.k1_methods or methods)
+    cells = [] if args.only_peer_cells else build_grid(args.n, args.k, args.popularity, methods,
+                                                       args.k1_methods or methods)  # fmt: skip
+    peer_cells = parse_peer_cells(args.peer_cells) if args.only_peer_cells or set(PEERS) & set(args.systems) else []
+    cells += [c for c in peer_cells if c.key not in {x.key for x in cells}]
+    peer_keys = {c.key for c in peer_cells}
     names = sorted({a for c in cells for a in adapter_names(c)})
     adapter_dir = args.work_dir / f"adapters-{model_dir.name}"
     pool = make_adapter_pool(model_dir, adapter_dir, names, vocab, args.seed)
@@ -166,8 +248,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
               "model": str(model_dir),
               "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "load_before": load_average(), "adapters": {n: str(p) for n, p in pool.items()},
-              "runs": [], "skipped": []}  # fmt: skip
-    max_n = max(args.n)
+              "runs": [], "skipped": [], "peer_cells": sorted(peer_keys), "peers_skipped": {}}  # fmt: skip
+    max_n = max(c.n for c in cells)
     dtype = _DTYPES[args.dtype]
     with contextlib.ExitStack() as stack:
         runners = {}
@@ -175,7 +257,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
             from baselines import HFPerAdapter
 
             runners[HF] = HFPerAdapter(model_dir, pool, adapter_dir, dtype, args.device).run
-        if HF_CB in args.systems and 0 in args.k:
+        if HF_CB in args.systems and any(c.k == 0 for c in cells):
             from baselines import HFContinuous
 
             hf_cb = HFContinuous(model_dir, dtype, args.device, max_n, args.prompt_len + args.out_len, args.block_size)
@@ -192,12 +274,14 @@ def run_sweep(args: argparse.Namespace) -> dict:
                 start_server(model_dir, pool, _engine_args(args, max_n, len(pool)), args.server, threads=args.threads)
             )
             runners[MOESERVE] = lambda work: run_http(url, work, args.run_timeout)
-        report["output_check"] = _warm_up(runners, names, vocab, args)
+        runners |= start_peers(stack, args, model_dir, pool, peer_cells, report)
+        peer_names = sorted({a for c in peer_cells for a in adapter_names(c)})
+        report["output_check"] = _warm_up(runners, names, vocab, args, peer_names)
         report["setup_s"] = time.monotonic() - started
         for rep in range(args.reps):
             for cell in cells:
                 work = make_workload(cell, rep, args.prompt_len, args.out_len, vocab, args.zipf_s, args.seed)
-                for system in _systems_for(cell, list(runners), rep):
+                for system in _systems_for(cell, list(runners), rep, peer_keys):
                     if time.monotonic() - started > args.max_seconds:
                         report["skipped"].append({"cell": cell.key, "system": system, "rep": rep})
                         continue
@@ -211,8 +295,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
     return report
 
 
-def _warm_up(runners: dict, names: list[str], vocab: list[int], args) -> dict[str, int] | None:
-    """One short untimed run per system over every adapter: lazy initialisation, adapter slots, allocator.
+def _warm_up(runners: dict, names: list[str], vocab: list[int], args, peer_names: list[str] = ()) -> dict | None:
+    """One short untimed run per system over every adapter it serves: lazy initialisation, adapter slots, allocator.
 
     With --check-outputs, returns how many of these requests got the same greedy tokens from transformers+peft and
     moeserve offline (and raises if any differ).
@@ -220,8 +304,9 @@ def _warm_up(runners: dict, names: list[str], vocab: list[int], args) -> dict[st
     prompts = [[vocab[(i * 7 + j) % len(vocab)] for j in range(args.prompt_len)] for i in range(len(names) + 1)]
     mixed = Workload(prompts, [None, *names], 8 if args.check_outputs else 2)
     base = Workload(prompts[:2], [None, None], 2)
+    peers = Workload(prompts[: len(peer_names) + 1], [None, *peer_names], 2)
     for system, run in runners.items():
-        run(base if system == HF_CB else mixed)
+        run(base if system == HF_CB else peers if system in PEERS else mixed)
     if not (args.check_outputs and HF in runners and OFFLINE in runners):
         return None
     ours, theirs = runners[OFFLINE].__self__.last_tokens, runners[HF].__self__.last_tokens
@@ -246,13 +331,12 @@ def summarize(runs: list[dict], cells: list[Cell]) -> list[dict]:
             if rs:
                 row["systems"][system] = median_summary(rs)
         s = row["systems"]
-        for ours in (MOESERVE, OFFLINE):
-            for base in (HF, HF_CB):
-                if ours in s and base in s:
-                    row.setdefault("ratios", {})[f"{ours} / {base}"] = s[ours]["tok_s"] / s[base]["tok_s"]
+        for ours, base in [(o, b) for o in (MOESERVE, OFFLINE) for b in (HF, HF_CB, *PEERS)] + [(MOESERVE, OFFLINE)]:
+            if ours in s and base in s:
+                row.setdefault("ratios", {})[f"{ours} / {base}"] = s[ours]["tok_s"] / s[base]["tok_s"]
         if cell.k > 0:
             base_key = Cell(cell.n, 0, "uniform", ()).key
-            for system in (MOESERVE, OFFLINE, HF):
+            for system in (MOESERVE, OFFLINE, HF, *PEERS):
                 base_runs = runs_of(base_key, system)
                 if system in s and base_runs:
                     base_tok_s = median_summary(base_runs)["tok_s"]

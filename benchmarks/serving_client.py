@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -120,15 +120,19 @@ def _flags(engine_args: dict[str, int | str]) -> list[str]:
     return flags
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], out_len: int, t0: float):
-    """Streams one completion; returns (chunk arrival times relative to t0, completion tokens from usage)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0.0, "ignore_eos": True,
+def moeserve_body(adapter: str | None, prompt: list[int], out_len: int) -> dict:
+    """A streamed /v1/completions request for moeserve (and vLLM): the adapter is picked by `model`."""
+    return {"model": adapter or BASE, "prompt": prompt, "max_tokens": out_len, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+
+
+async def _one(client: httpx.AsyncClient, url: str, body: dict, t0: float):
+    """Streams one completion; returns (chunk arrival times relative to t0, completion tokens from usage)."""
     arrivals: list[float] = []
     tokens = 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         if response.status_code != 200:
-            raise RuntimeError(f"{model}: HTTP {response.status_code}: {(await response.aread())[:500]!r}")
+            raise RuntimeError(f"{body.get('model')}: HTTP {response.status_code}: {(await response.aread())[:500]!r}")
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -140,23 +144,31 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
     return arrivals, tokens
 
 
-async def _run(url: str, work: Workload, timeout: float) -> RunTimings:
-    limits = httpx.Limits(max_connections=len(work.prompts) + 4, max_keepalive_connections=len(work.prompts) + 4)
+async def _run(url: str, work: Workload, timeout: float, body: Callable, keepalive: bool) -> RunTimings:
+    # A fresh client per run, so every wave opens its own connections; keepalive=False also closes each one after
+    # its response (vLLM stalls every other wave on connections kept from the previous one: shared/peers/README.md)
+    n = len(work.prompts) + 4
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n if keepalive else 0)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout)) as client:
         t0 = time.perf_counter()
-        jobs = [_one(client, url, a or BASE, p, work.out_len, t0) for p, a in zip(work.prompts, work.adapters)]
+        jobs = [_one(client, url, body(a, p, work.out_len), t0) for p, a in zip(work.prompts, work.adapters)]
         results = await asyncio.wait_for(asyncio.gather(*jobs), timeout=timeout)
     wall = max(arr[-1] for arr, _ in results if arr)
     tokens = sum(t for _, t in results)
     if tokens != work.output_tokens:
-        raise RuntimeError(f"moeserve returned {tokens} output tokens, expected {work.output_tokens}")
+        raise RuntimeError(f"{url} returned {tokens} output tokens, expected {work.output_tokens}")
     return RunTimings.from_arrivals(wall, tokens, [arr for arr, _ in results])
 
 
-def run_http(url: str, work: Workload, timeout: float = 600.0) -> RunTimings:
-    """One run: all of the workload's requests at once as concurrent streams; bounded by `timeout` seconds."""
+def run_http(
+    url: str, work: Workload, timeout: float = 600.0, body: Callable = moeserve_body, keepalive: bool = True
+) -> RunTimings:
+    """One run: all of the workload's requests at once as concurrent streams; bounded by `timeout` seconds.
+
+    `body(adapter, prompt_ids, out_len)` makes each request's JSON (it differs between servers: serving_peers.py).
+    """
     check_loopback(url)
-    return asyncio.run(_run(url, work, timeout))
+    return asyncio.run(_run(url, work, timeout, body, keepalive))
 
 
 class OfflineEngine:

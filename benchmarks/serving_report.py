@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 MOESERVE, OFFLINE, HF, HF_CB = "moeserve", "moeserve offline", "transformers+peft", "transformers generate_batch"
-SYSTEMS = (MOESERVE, OFFLINE, HF, HF_CB)
+VLLM, LLAMA = "vllm", "llama-server"  # the peer engines (serving_peers.py), on their peer cells only
+PEERS = (VLLM, LLAMA)
+BASELINES = (MOESERVE, OFFLINE, HF, HF_CB)
+SYSTEMS = BASELINES + PEERS
 
 
 def _f(x: float | None, digits: int = 1) -> str:
@@ -36,6 +39,8 @@ def header(report: dict) -> str:
             f"{check['requests']} requests (base + every adapter of the pool, "
             f"{check['tokens_each']} tokens each)"
         )
+    for system, why in report.get("peers_skipped", {}).items():
+        lines.append(f"- NOT RUN: {system}: {why}")
     if report["skipped"]:
         lines.append(f"- NOT RUN (--max-seconds reached): {len(report['skipped'])} runs, e.g. {report['skipped'][0]}")
     return "\n".join(lines)
@@ -48,9 +53,9 @@ def throughput_table(report: dict) -> str:
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for cell in report["cells"]:
         s, r = cell["systems"], cell.get("ratios", {})
-        tok = [_f(s[x]["tok_s"]) if x in s else "-" for x in SYSTEMS]
+        tok = [_f(s[x]["tok_s"]) if x in s else "-" for x in BASELINES]
         ratios = [_f(r.get(f"{a} / {b}"), 2) for b in (HF, HF_CB) for a in (MOESERVE, OFFLINE)]
-        spread = " / ".join(f"{100 * s[x]['tok_s_spread']:.0f}%" if x in s else "-" for x in SYSTEMS)
+        spread = " / ".join(f"{100 * s[x]['tok_s_spread']:.0f}%" if x in s else "-" for x in BASELINES)
         rows.append(f"| {cell['n']} | {cell['label']} | " + " | ".join(tok + ratios) + f" | {spread} |")
     return "\n".join(rows)
 
@@ -66,6 +71,26 @@ def latency_table(report: dict) -> str:
             rows.append(f"| {cell['n']} | {cell['label']} | {system} | {_ms(s['ttft_p50'])} | {_ms(s['ttft_p99'])} | "
                         f"{_ms(s['itl_p50'])} | {_ms(s['itl_p99'])} | {_ms(s['swap_s']) if system == HF else '-'} | "
                         f"{s['chunk_ratio']:.2f} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def peer_table(report: dict) -> str:
+    """The peer cells: each engine's tok/s, TTFT and ITL (p50), and moeserve's throughput over each other's."""
+    names = {MOESERVE: "moeserve", OFFLINE: "offline", VLLM: "vllm", LLAMA: "llama"}
+    rows = ["| N | adapters | tok/s " + " / ".join(names.values()) + " | moeserve / vllm | moeserve / llama-server "
+            "| moeserve / moeserve offline | TTFT p50 ms " + " / ".join(names.values()) + " | ITL p50 ms "
+            + " / ".join(names.values()) + " |", "|---:|---|---|---:|---:|---:|---|---|"]  # fmt: skip
+    for cell in report["cells"]:
+        s, r = cell["systems"], cell.get("ratios", {})
+        if not any(x in s for x in PEERS):
+            continue
+
+        def col(field: str, fmt) -> str:
+            return " / ".join(fmt(s[x][field]) if x in s else "-" for x in names)
+
+        ratios = [_f(r.get(f"{MOESERVE} / {b}"), 2) for b in (VLLM, LLAMA, OFFLINE)]
+        rows.append(f"| {cell['n']} | {cell['label']} | {col('tok_s', _f)} | " + " | ".join(ratios)
+                    + f" | {col('ttft_p50', _ms)} | {col('itl_p50', _ms)} |")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -85,6 +110,10 @@ def markdown(report: dict) -> str:
              "the moment all N requests arrive):", "", latency_table(report), "",
              "Cost of heterogeneity: tok/s with K adapters / tok/s of the base model alone (same N, same system):", "",
              heterogeneity_table(report)]  # fmt: skip
+    if any(x in c["systems"] for c in report["cells"] for x in PEERS):
+        parts += ["", "Peers on their cells (attention LoRA only; each its own server, one system at a time): output "
+                  "tokens/s, TTFT and ITL medians, and moeserve (HTTP) tok/s over each other system's:", "",
+                  peer_table(report)]  # fmt: skip
     for p in report.get("plots", []):
         parts += ["", f"![{Path(p).stem}]({Path(p).name})"]
     return "\n".join(parts) + "\n"
