@@ -13,8 +13,7 @@
 # Triton kernel tests compiled on CUDA: MOESERVE_KERNELS=triton, TRITON_INTERPRET unset; fp32 and the bf16/fp16
 # tests), parity (engine vs transformers greedy on CUDA, tiny checkpoints + the built-in base), roofline-make (a
 # random OLMoE-1B-7B-shaped checkpoint), decode (decode step times at B = 1 8 32 128 against the roofline, with the
-# engine's default, CUDA graphs where it has them) and decode-eager (the same with --enforce-eager; recorded as
-# skipped while the engine has no EngineConfig.enforce_eager).
+# engine's default: CUDA graphs for decode steps) and decode-eager (the same with --enforce-eager).
 # Environment: T_<STEP> overrides a step's timeout (T_KERNELS=200), BUDGET the whole suite's seconds (470: a step
 # gets at most what is left), PY the python (python3), ROOFLINE_DIR where the random checkpoint goes
 # (/tmp/olmoe-1b-7b-rand, reused), LAYERS fewer layers than OLMoE's 16, CONTEXT the decode prompt length (512).

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeserve import LLM, SamplingParams
-from moeserve.engine.scheduler import RunnerOutput
 from moeserve.engine.detokenizer import IncrementalDetokenizer
+from moeserve.engine.scheduler import RunnerOutput
 
 PROMPTS = [f"Sequence number {i} says: " + "abc " * (i % 4) for i in range(8)]
 

@@ -108,7 +108,8 @@ def run_engine_core(config: EngineConfig, adapters: list[tuple[str, str]], conn:
     except Exception as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", CoreInfo(core.max_model_len, core.model.spec.vocab_size, multiprocessing.current_process().pid)))
+    info = CoreInfo(core.max_model_len, core.model.spec.vocab_size, multiprocessing.current_process().pid)
+    conn.send(("ready", info))
     try:
         _CoreServer(core, conn).run()
     except (EOFError, BrokenPipeError):  # the front end is gone
