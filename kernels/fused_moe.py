@@ -24,6 +24,46 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# The twin's paths, picked from the sizes by twin_path (measured on CPU, one thread, fp32 and bf16, at the built-in
+# base's shape H=128 I=64 E=32 K=4 and at H=1024 I=512 E=64 K=8, T = 1..2048):
+#   grouped  sort the T*K assignments by expert, two F.grouped_mm calls: the fastest up to ~16 assignments per expert;
+#   dense    every expert for every token, two GEMMs, zero weight off the top-k: the fastest for bf16 on small experts
+#            (grouped_mm's bf16 groups cost more there), and the path where grouped_mm does not apply;
+#   loop     one matmul pair per used expert, from a host-side count: the fastest beyond ~16 assignments per expert
+#            (fewer, larger GEMMs), where the count's host sync no longer matters.
+# Decode batches (T <= 128 at both shapes) take grouped or dense, which never sync with the host.
+GROUPED_MAX_PER_EXPERT = 16  # T*K / R above which the loop wins
+DENSE_MAX_MACS_BF16 = 1 << 27  # T*R*3*I*H below which dense beats grouped in bf16 ...
+DENSE_MIN_USE_BF16 = 4  # ... once the assignments cover R/4 rows or more (below that, dense reads mostly idle rows)
+
+
+def grouped_mm_fits(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether F.grouped_mm runs on these operands: CPU here (on CUDA it needs bf16 and sm80; Triton runs there),
+    a float type, and every non-unit stride of the operands it sees a multiple of 16 bytes."""
+    if not hasattr(F, "grouped_mm") or hidden.device.type != "cpu":
+        return False
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16) or w13.dtype != hidden.dtype:
+        return False
+    align = 16 // hidden.element_size()
+    strides = (hidden.shape[1], w2.shape[-1], *w13.stride(), *w2.stride())  # gathered rows [n, H] and [n, I] too
+    return all(stride == 1 or stride % align == 0 for stride in strides) and w2.dtype == hidden.dtype
+
+
+def twin_path(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int) -> str:
+    """Which path fused_moe_torch takes for these sizes: "grouped", "dense" or "loop" (see the table above)."""
+    num_tokens, size = hidden.shape
+    rows, inter = w2.shape[0], w2.shape[-1]
+    assignments = num_tokens * top_k
+    if assignments > GROUPED_MAX_PER_EXPERT * rows:
+        return "loop"
+    if not grouped_mm_fits(hidden, w13, w2):
+        return "dense"
+    macs = num_tokens * rows * 3 * inter * size
+    if hidden.dtype == torch.bfloat16 and macs <= DENSE_MAX_MACS_BF16 and assignments * DENSE_MIN_USE_BF16 >= rows:
+        return "dense"
+    return "grouped"
+
+
 def fused_moe_torch(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -32,17 +72,55 @@ def fused_moe_torch(
     topk_ids: torch.Tensor,
     activation: str = "silu",
 ) -> torch.Tensor:
-    """Pure-torch twin: sorts the (token, expert) assignments by expert and runs one matmul pair per expert.
+    """Pure-torch twin: one of the paths in TWIN_PATHS, picked by twin_path from the sizes.
 
     hidden [T, H], w13 [R, 2I, H], w2 [R, H, I] (R = expert rows), topk_weights [T, K] (any float dtype),
     topk_ids [T, K] int in [0, R). Returns [T, H] in hidden's dtype.
     """
     act = ACTIVATIONS[activation]
+    if topk_ids.shape[0] == 0:
+        return torch.zeros_like(hidden)
+    path = TWIN_PATHS[twin_path(hidden, w13, w2, topk_ids.shape[1])]
+    return path(hidden, w13, w2, topk_weights, topk_ids, act)
+
+
+def _grouped(hidden, w13, w2, topk_weights, topk_ids, act) -> torch.Tensor:
+    """Assignments sorted by expert, one grouped GEMM per projection; no host sync."""
     num_tokens, top_k = topk_ids.shape
     inter = w2.shape[-1]
+    flat_ids = topk_ids.reshape(-1)  # [T*K]
+    order = torch.argsort(flat_ids, stable=True)  # [T*K] assignments grouped by expert
+    ends = torch.cumsum(torch.bincount(flat_ids, minlength=w13.shape[0]), 0).to(torch.int32)  # [R] end of each run
+    gate_up = F.grouped_mm(hidden[order // top_k], w13.transpose(1, 2), offs=ends)  # [T*K, 2I]
+    h = act(gate_up[:, :inter]) * gate_up[:, inter:]  # [T*K, I]
+    y_sorted = F.grouped_mm(h, w2.transpose(1, 2), offs=ends)  # [T*K, H]
+    y = torch.empty_like(y_sorted)
+    y[order] = y_sorted
+    return _combine(y.view(num_tokens, top_k, -1), topk_weights, hidden.dtype)
+
+
+def _dense(hidden, w13, w2, topk_weights, topk_ids, act) -> torch.Tensor:
+    """Every expert row for every token, weighted by topk_weights scattered over the rows (0 elsewhere); no sync."""
+    num_tokens, size = hidden.shape
+    rows, inter = w2.shape[0], w2.shape[-1]
+    gate_up = (hidden @ w13.reshape(rows * 2 * inter, size).t()).view(num_tokens, rows, 2 * inter)  # [T, R, 2I]
+    h = act(gate_up[..., :inter]) * gate_up[..., inter:]  # [T, R, I]
+    y = torch.bmm(h.transpose(0, 1), w2.transpose(1, 2))  # [R, T, H]
+    weights = torch.zeros(num_tokens, rows, dtype=torch.float32, device=hidden.device)  # [T, R]
+    weights.scatter_add_(1, topk_ids.long(), topk_weights.float())
+    return _combine(y.transpose(0, 1), weights, hidden.dtype)
+
+
+def _combine(y: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_k weights[t, k] * y[t, k] in fp32, rounded once to dtype: y [T, K, H], weights [T, K] -> [T, H]."""
+    return torch.bmm(weights.float()[:, None, :], y.float()).squeeze(1).to(dtype)
+
+
+def _loop(hidden, w13, w2, topk_weights, topk_ids, act) -> torch.Tensor:
+    """Assignments sorted by expert, one matmul pair per used expert (the count is read on the host)."""
+    top_k = topk_ids.shape[1]
+    inter = w2.shape[-1]
     out = torch.zeros_like(hidden)  # [T, H]
-    if num_tokens == 0:
-        return out
     flat_ids = topk_ids.reshape(-1)  # [T*K]
     order = torch.argsort(flat_ids, stable=True)  # assignments grouped by expert
     token_of = order // top_k  # [T*K] token index of each sorted assignment
@@ -60,6 +138,10 @@ def fused_moe_torch(
         out.index_add_(0, rows, y.to(out.dtype))
         start += count
     return out
+
+
+# name -> path(hidden, w13, w2, topk_weights, topk_ids, act) with T >= 1; tests run each path directly.
+TWIN_PATHS: dict[str, Callable[..., torch.Tensor]] = {"grouped": _grouped, "dense": _dense, "loop": _loop}
 
 
 def fused_moe(

@@ -5,6 +5,7 @@ Interpreter set-up as in test_kernels_fused_moe.py: without CUDA the Triton kern
 float32, here or (in a full session) in the fresh process of tests/test_kernels_interpreter.py.
 """
 
+import importlib
 import os
 import sys
 
@@ -24,6 +25,7 @@ from moeserve.kernels import moe_lora, moe_lora_torch  # noqa: E402
 from moeserve.kernels import moe_lora_triton as triton_module  # noqa: E402
 from moeserve.kernels.moe_lora_triton import moe_lora_decode, moe_lora_prefill, moe_lora_triton  # noqa: E402
 
+twin_module = importlib.import_module("moeserve.kernels.moe_lora")  # the module: the package exports the function
 PATHS = {"decode": moe_lora_decode, "prefill": moe_lora_prefill}
 
 
@@ -100,6 +102,57 @@ def test_twin_matches_per_token_loop(slots_kind, experts, top_k):
 def test_twin_adds_nothing_for_base_tokens():
     case = make_case(6, 3, 2, 2, rank=4, d_in=8, d_out=8, seed=1, slots_kind="all_base")
     assert torch.equal(run(moe_lora_torch, case), case[-1])
+
+
+def mixed_case(dtype):
+    """Slots mixed in one batch: base tokens (with nonzero ids and weights, and a nonzero slot-0 table, which must
+    still add nothing), adapters of 3 and 2 experts in a table of E=3, the 2-expert one's padded expert at weight 0."""
+    g = torch.Generator().manual_seed(21)
+    num_slots, experts, rank, d_in, d_out = 4, 3, 4, 12, 20
+    lora_a = torch.randn(num_slots, experts, rank, d_in, generator=g)
+    lora_b = torch.randn(num_slots, experts, d_out, rank, generator=g)
+    lora_a[3, 2], lora_b[3, 2] = 0.0, 0.0  # slot 3 has 2 experts: expert 2 is padding
+    slot = torch.tensor([0, 1, 2, 0, 3, 1, 0, 2, 3, 3, 0])
+    topk_ids = torch.randint(0, experts, (slot.numel(), 2), generator=g)
+    topk_ids[slot == 3] = torch.tensor([1, 2])  # the padded expert, given weight 0 below
+    topk_weights = torch.rand(slot.numel(), 2, generator=g)
+    topk_weights[slot == 3, 1] = 0.0
+    scale = torch.rand(num_slots, generator=g) + 0.5
+    x = torch.randn(slot.numel(), d_in, generator=g)
+    out = torch.randn(slot.numel(), d_out, generator=g)
+    tensors = (x.to(dtype), lora_a.to(dtype), lora_b.to(dtype), slot, topk_ids, topk_weights, scale, out.to(dtype))
+    return tuple(t.to(DEVICE) for t in tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["gather", "gather_chunked", "grouped"])
+def test_twin_mixed_slots_and_padded_experts(monkeypatch, dtype, path):
+    if path == "gather_chunked":
+        monkeypatch.setattr(twin_module, "TWIN_CHUNK_BYTES", 1)  # one token per chunk
+    if path == "grouped":
+        monkeypatch.setattr(twin_module, "GATHER_MAX_ASSIGNMENTS", 0)
+    case = mixed_case(dtype)
+    assert DEVICE == "cuda" or twin_module.grouped_mm_fits(*case[:3]), "the case must take the path it names"
+    got = run(moe_lora_torch, case)
+    torch.testing.assert_close(got, per_token_loop(*case))
+    base = case[3] == 0
+    assert torch.equal(got[base], case[-1][base]), "base tokens must leave out untouched"
+
+
+@pytest.mark.parametrize("gather_max", [64, 0])  # either path
+def test_twin_does_not_sync(monkeypatch, gather_max):
+    monkeypatch.setattr(twin_module, "GATHER_MAX_ASSIGNMENTS", gather_max)
+    case = mixed_case(torch.float32)
+    expected = per_token_loop(*case)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the twin")
+
+    for name in ("tolist", "item", "nonzero", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    got = run(moe_lora_torch, case)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("path", ["decode", "prefill"])
