@@ -49,15 +49,17 @@ def paged_decode_attention_torch(
     valid = pos[None, :] < lens[:, None]  # [B, L]
     if sliding_window is not None:
         valid &= pos[None, :] >= lens[:, None] - sliding_window
+    # The G query heads of a key/value head go in as G query rows of it (query head h = kv_head * G + g), so the
+    # keys are read once per group rather than repeated per query head (enable_gqa expands them on CPU).
+    kv_heads = k.shape[1]
     out = F.scaled_dot_product_attention(
-        q[:, :, None, :],
+        q.reshape(num_seqs, kv_heads, -1, q.shape[-1]),  # [B, Hkv, G, D]
         k.to(q.dtype),
         v.to(q.dtype),
         attn_mask=valid[:, None, None, :],
         scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )  # [B, Hq, 1, Dv]
-    return out[:, :, 0]
+    )  # [B, Hkv, G, Dv]
+    return out.reshape(num_seqs, q.shape[1], -1)
 
 
 def paged_decode_attention(
