@@ -5,7 +5,7 @@ positions max(0, L - sliding_window)..L-1 (all of 0..L-1 without a window), posi
 block_tables[b, i // S] at offset i % S; query head h reads key/value head h // (Hq / Hkv) (grouped-query attention).
 Every sequence has L >= 1: a decode query's own key is in the cache before attention runs.
 
-MLA (DeepSeek) keeps the gather + varlen_attention_torch path in moeserve/models/mla.py for now.
+MLA (DeepSeek) calls this with its latent cache as both keys (latent + rotary part) and values (the latent).
 This module holds the pure-torch twin and the dispatcher; the Triton kernel is in paged_attention_triton.py.
 """
 
@@ -25,6 +25,7 @@ def paged_decode_attention_torch(
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """Pure-torch twin: gathers every sequence's keys and values through its block table into one padded batch,
     then one masked attention call for all sequences (a per-sequence loop costs a call per sequence and layer).
@@ -36,7 +37,8 @@ def paged_decode_attention_torch(
     if num_seqs == 0:
         return q.new_empty(0, q.shape[1], v_cache.shape[-1])
     lens = context_lens.long()
-    max_len = int(lens.max())
+    # The batch is padded to the longest context; without the host's number, to all the tables can address.
+    max_len = max_context_len if max_context_len is not None else block_tables.shape[1] * block_size
     pos = torch.arange(max_len, device=q.device)  # [L]
     blocks = block_tables.long().gather(
         1, (pos // block_size).clamp(max=block_tables.shape[1] - 1).expand(num_seqs, -1)
@@ -47,15 +49,17 @@ def paged_decode_attention_torch(
     valid = pos[None, :] < lens[:, None]  # [B, L]
     if sliding_window is not None:
         valid &= pos[None, :] >= lens[:, None] - sliding_window
+    # The G query heads of a key/value head go in as G query rows of it (query head h = kv_head * G + g), so the
+    # keys are read once per group rather than repeated per query head (enable_gqa expands them on CPU).
+    kv_heads = k.shape[1]
     out = F.scaled_dot_product_attention(
-        q[:, :, None, :],
+        q.reshape(num_seqs, kv_heads, -1, q.shape[-1]),  # [B, Hkv, G, D]
         k.to(q.dtype),
         v.to(q.dtype),
         attn_mask=valid[:, None, None, :],
         scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )  # [B, Hq, 1, Dv]
-    return out[:, :, 0]
+    )  # [B, Hkv, G, Dv]
+    return out.reshape(num_seqs, q.shape[1], -1)
 
 
 def paged_decode_attention(
@@ -66,15 +70,19 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """Semantics: out[b, h] = softmax_i(scale * q[b, h] . K_b[i, h // G]) @ V_b over the cached positions i of
     sequence b in [max(0, L_b - sliding_window), L_b), L_b = context_lens[b], G = Hq / Hkv.
 
     q [B, Hq, D], k_cache [N, S, Hkv, D], v_cache [N, S, Hkv, Dv], block_tables [B, M] int32, context_lens [B]
-    int32 (>= 1). Returns [B, Hq, Dv]. Triton on CUDA, the twin on CPU (see backend.py).
+    int32 (>= 1). max_context_len: a host bound on context_lens (optional; without it the tables' reach, M * S, is
+    the bound, so nothing reads context_lens back from the device). v_cache may be a view of k_cache (MLA reads its
+    latent as both). Returns [B, Hq, Dv]. Triton on CUDA, the twin on CPU (see backend.py).
     """
+    args = (q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, max_context_len)
     if use_triton(q):
         from moeserve.kernels.paged_attention_triton import paged_decode_attention_triton
 
-        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
-    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
+        return paged_decode_attention_triton(*args)
+    return paged_decode_attention_torch(*args)

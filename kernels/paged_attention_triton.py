@@ -152,6 +152,7 @@ def launch_paged_decode(
     scale: float,
     sliding_window: int | None,
     num_splits: int,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """paged_decode_attention_triton with an explicit split count (tests sweep it). Shapes: see there."""
     batch, q_heads, head_dim = q.shape
@@ -167,7 +168,8 @@ def launch_paged_decode(
     if batch == 0:
         return out
     group = q_heads // kv_heads
-    max_context = block_tables.shape[1] * block_size  # the most any table can address: a bound known without a sync
+    # A bound on every context known without a sync: the host's, or the most any table can address.
+    max_context = max_context_len if max_context_len is not None else block_tables.shape[1] * block_size
     split_len = triton.cdiv(triton.cdiv(max_context, num_splits), BLOCK_N) * BLOCK_N
     if num_splits == 1:
         partial, running_max, running_sum = out, out, out  # the statistics pointers go unused
@@ -206,12 +208,17 @@ def paged_decode_attention_triton(
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """Semantics: out[b, h] = softmax_i(scale * q[b, h] . K_b[i, h // G]) @ V_b over the cached positions i of
     sequence b in [max(0, L_b - sliding_window), L_b), L_b = context_lens[b], G = Hq / Hkv.
 
     q [B, Hq, D], k_cache [N, S, Hkv, D], v_cache [N, S, Hkv, Dv], block_tables [B, M] int32, context_lens [B]
-    int32 (>= 1; not checked, a check would sync). Returns [B, Hq, Dv] in q's dtype.
+    int32 (>= 1; not checked, a check would sync). max_context_len: an optional host bound on context_lens.
+    Returns [B, Hq, Dv] in q's dtype.
     """
-    splits = num_kv_splits(q.shape[0], k_cache.shape[2], block_tables.shape[1] * k_cache.shape[1])
-    return launch_paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, splits)
+    max_context = max_context_len if max_context_len is not None else block_tables.shape[1] * k_cache.shape[1]
+    splits = num_kv_splits(q.shape[0], k_cache.shape[2], max_context)
+    return launch_paged_decode(
+        q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, splits, max_context
+    )

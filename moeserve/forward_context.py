@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moeserve.kernels.attention import kv_slots
+
 
 @dataclass
 class ForwardContext:
@@ -38,6 +40,24 @@ class ForwardContext:
     query_lens: list[int] = field(default_factory=list)
     kv_lens: list[int] = field(default_factory=list)
 
+    # ---- Attention rows: decodes first, then prefills. Derived once here, only read by the attention layers. ----
+    # Host: the first num_decodes sequences have exactly one query token each, so their tokens are x[:num_decodes];
+    # the others are prefills or prompt chunks. None = the leading run of one-token sequences (checked when given).
+    num_decodes: int | None = None
+    # The views below are set in __post_init__ (device tensors are slices, host lists are copies; no device sync).
+    # [Bd] int32 and [Bd, max_blocks] int32: context_lens and block_tables of the decode rows (tables None = no cache).
+    decode_context_lens: torch.Tensor = field(init=False, repr=False)
+    decode_block_tables: torch.Tensor | None = field(init=False, repr=False)
+    # Host: the longest context among the decode rows (0 when there are none).
+    decode_max_context_len: int = field(init=False, repr=False)
+    # Host: query_lens and kv_lens of the prefill rows (sequences num_decodes..B-1, tokens x[num_decodes:]).
+    prefill_query_lens: list[int] = field(init=False, repr=False)
+    prefill_kv_lens: list[int] = field(init=False, repr=False)
+    # [Bp, max_blocks] int32: block_tables of the prefill rows; None = no cache.
+    prefill_block_tables: torch.Tensor | None = field(init=False, repr=False)
+    # block size -> [sum(prefill_kv_lens)] int64 cache slots of the prefill rows' keys; see prefill_kv_slots.
+    _prefill_kv_slots: dict[int, torch.Tensor] = field(init=False, repr=False, default_factory=dict)
+
     def __post_init__(self) -> None:
         if not self.query_lens:
             self.query_lens = torch.diff(self.cu_seqlens_q).tolist()
@@ -52,6 +72,33 @@ class ForwardContext:
             raise ValueError("slot_mapping and block_tables come together: both set (paged cache) or neither")
         if self.slot_mapping is None and self.query_lens != self.kv_lens:
             raise ValueError("without a KV cache every sequence must be given whole (query_lens == context_lens)")
+        self._split_rows()
+
+    def _split_rows(self) -> None:
+        """Sets num_decodes (or checks it) and the decode / prefill views of the attention block above."""
+        if self.num_decodes is None:
+            self.num_decodes = next((i for i, q in enumerate(self.query_lens) if q != 1), len(self.query_lens))
+        nd = self.num_decodes
+        if not 0 <= nd <= len(self.query_lens) or any(q != 1 for q in self.query_lens[:nd]):
+            raise ValueError(f"num_decodes={nd}, but the first {nd} sequences must each have one query token")
+        self.decode_context_lens = self.context_lens[:nd]
+        self.decode_max_context_len = max(self.kv_lens[:nd], default=0)
+        self.prefill_query_lens = self.query_lens[nd:]
+        self.prefill_kv_lens = self.kv_lens[nd:]
+        tables = self.block_tables
+        self.decode_block_tables = None if tables is None else tables[:nd]
+        self.prefill_block_tables = None if tables is None else tables[nd:]
+
+    def prefill_kv_slots(self, block_size: int) -> torch.Tensor:
+        """[sum(prefill_kv_lens)] int64: the flat cache slots of every prefill row's keys, packed back to back.
+
+        Built by the first layer that asks (the block size is the cache's) and reused by the others.
+        """
+        if self.prefill_block_tables is None:
+            raise ValueError("prefill_kv_slots needs a KV cache (block_tables)")
+        if block_size not in self._prefill_kv_slots:
+            self._prefill_kv_slots[block_size] = kv_slots(self.prefill_block_tables, self.prefill_kv_lens, block_size)
+        return self._prefill_kv_slots[block_size]
 
     def token_groups(self) -> dict[int, torch.Tensor]:
         """adapter_groups; derived from adapter_slot (with a host sync) where the caller did not build them."""
@@ -70,8 +117,8 @@ class ForwardContext:
 
     @property
     def is_decode(self) -> bool:
-        """Every sequence has exactly one query token (a pure decode step)."""
-        return all(q == 1 for q in self.query_lens)
+        """Every sequence is a decode row (a pure decode step)."""
+        return self.num_decodes == self.num_seqs
 
     @classmethod
     def for_sequences(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> ForwardContext:

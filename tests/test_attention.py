@@ -1,9 +1,11 @@
 """Causal attention over packed sequences, with and without the paged cache."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from moeserve.kernels.attention import gather_kv, store_kv, varlen_attention_torch
+from moeserve.kernels import attention
+from moeserve.kernels.attention import gather_kv, kv_slots, store_kv, varlen_attention_torch
 
 
 def dense_reference(q, k, v, scale, window=None):
@@ -37,6 +39,38 @@ def test_packed_sequences_match_one_by_one():
             qs, ks = qs + lq, ks + lk
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["one-padded-call", "per-sequence"])
+@pytest.mark.parametrize("window", [None, 1, 4])
+def test_both_paths_match_the_dense_reference_and_train(monkeypatch, padded, window):
+    """Decodes, whole prompts and chunks mixed; a window shorter than the padding; gradients finite and equal."""
+    monkeypatch.setattr(attention, "PAD_MAX_PAIRS", 10**9 if padded else 0)
+    g = torch.Generator().manual_seed(1)
+    query_lens, kv_lens = [1, 1, 7, 2, 5], [4, 12, 7, 9, 5]
+    q = torch.randn(sum(query_lens), 6, 8, generator=g, requires_grad=True)
+    k = torch.randn(sum(kv_lens), 2, 8, generator=g, requires_grad=True)
+    v = torch.randn(sum(kv_lens), 2, 5, generator=g, requires_grad=True)
+    assert attention._pad_pays(query_lens, kv_lens) == padded
+    out = varlen_attention_torch(q, k, v, query_lens, kv_lens, 0.35, window)
+    expected, qs, ks = [], 0, 0
+    for lq, lk in zip(query_lens, kv_lens):
+        expected.append(dense_reference(q[qs : qs + lq], k[ks : ks + lk], v[ks : ks + lk], 0.35, window))
+        qs, ks = qs + lq, ks + lk
+    expected = torch.cat(expected)
+    torch.testing.assert_close(out, expected)
+    weights = torch.randn(out.shape, generator=g)
+    got_grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for got, want in zip(got_grads, expected_grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
+
+
+def test_padding_only_for_small_batches():
+    assert attention._pad_pays([9, 1, 23, 4], [9, 1, 23, 4])  # overhead-bound: one call
+    assert not attention._pad_pays([2048, 2048], [2048, 2048])  # long prompts: one call each
+    assert not attention._pad_pays([1, 1, 1, 100], [50, 60, 70, 100])  # too uneven: padding wastes most scores
+
+
 def test_cache_store_then_gather_through_block_tables():
     block_size, num_blocks = 4, 6
     cache = torch.zeros(num_blocks, block_size, 2, 3)
@@ -48,4 +82,5 @@ def test_cache_store_then_gather_through_block_tables():
         store_kv(cache, vals, row[pos // block_size].long() * block_size + pos % block_size)
     gathered = gather_kv(cache, block_tables, lens)
     torch.testing.assert_close(gathered, torch.cat(values))
+    assert kv_slots(block_tables, lens, block_size).tolist() == [20, 21, 22, 23, 4, 5, 6, 8, 9, 10, 11, 16]
     assert cache[3].abs().sum() == 0  # a block no table names stays untouched

@@ -93,6 +93,20 @@ def test_triton_window_longer_than_context_and_default_splits():
     torch.testing.assert_close(paged_decode_attention_triton(*case, 0.3), paged_decode_attention_torch(*case, 0.3))
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_latent_cache_as_keys_and_values_with_a_host_bound(window):
+    """MLA's absorbed decode: one key/value head shared by every query head, the values a prefix view of the keys,
+    and the host's bound on the context lengths (tighter than the tables' reach) in place of the table width."""
+    q, cache, _, tables, lens = make_case([1, 9, 30], 8, 1, 40, 40, block_size=4, seed=5)
+    latent = cache[..., :32]  # [N, S, 1, 32], strided
+    expected = dense_reference(q, cache, latent, tables, lens, 0.2, window)
+    torch.testing.assert_close(paged_decode_attention_torch(q, cache, latent, tables, lens, 0.2, window, 30), expected)
+    for splits in (1, 2):
+        got = launch_paged_decode(q, cache, latent, tables, lens, 0.2, window, splits, 30)
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(paged_decode_attention_triton(q, cache, latent, tables, lens, 0.2, window, 30), expected)
+
+
 def test_empty_batch():
     q, k_cache, v_cache, _, _ = make_case([3], 2, 1, 16, 8, block_size=4, seed=2)
     tables, lens = torch.zeros(0, 2, dtype=torch.int32, device=DEVICE), torch.zeros(0, dtype=torch.int32, device=DEVICE)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeserve.forward_context import get_forward_context
-from moeserve.kernels.attention import gather_kv, store_kv, varlen_attention_torch
+from moeserve.forward_context import ForwardContext, get_forward_context
+from moeserve.kernels.attention import store_kv, varlen_attention_torch
 from moeserve.kernels.paged_attention import paged_decode_attention
 from moeserve.models.norm import RMSNorm
 from moeserve.models.rotary import RotaryEmbedding
@@ -48,17 +48,35 @@ class Attention(nn.Module):
         if spec.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
-        if ctx.uses_cache:
-            if self.k_cache is None or self.v_cache is None:
-                raise RuntimeError("the forward context addresses a KV cache but none is allocated for this layer")
-            store_kv(self.k_cache, k, ctx.slot_mapping)
-            store_kv(self.v_cache, v, ctx.slot_mapping)
-            if ctx.is_decode:  # one query per sequence: read the cache in place (the Triton kernel on CUDA)
-                out = paged_decode_attention(
-                    q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale, spec.sliding_window
+        if not ctx.uses_cache:  # whole sequences (prefill-only, tests, training): attention over this step's keys
+            out = varlen_attention_torch(q, k, v, ctx.query_lens, ctx.kv_lens, self.scale, spec.sliding_window)
+            return self.o_proj(out.reshape(num_tokens, -1))
+        if self.k_cache is None or self.v_cache is None:
+            raise RuntimeError("the forward context addresses a KV cache but none is allocated for this layer")
+        store_kv(self.k_cache, k, ctx.slot_mapping)
+        store_kv(self.v_cache, v, ctx.slot_mapping)
+        return self.o_proj(self._cached_attention(q, ctx).reshape(num_tokens, -1))
+
+    def _cached_attention(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Attention of this step's queries q [T, Hq, D] over the cache (this step's keys already stored in it).
+
+        The decode rows (x[:num_decodes], one query each) read the cache in place; the prefill rows gather only
+        their own sequences' keys and values. Returns [T, Hq, D].
+        """
+        window, nd = self.spec.sliding_window, ctx.num_decodes
+        parts = []
+        if nd:
+            parts.append(
+                paged_decode_attention(
+                    q[:nd], self.k_cache, self.v_cache, ctx.decode_block_tables, ctx.decode_context_lens,
+                    self.scale, window, ctx.decode_max_context_len,
                 )
-                return self.o_proj(out.reshape(num_tokens, -1))
-            k = gather_kv(self.k_cache, ctx.block_tables, ctx.kv_lens)
-            v = gather_kv(self.v_cache, ctx.block_tables, ctx.kv_lens)
-        out = varlen_attention_torch(q, k, v, ctx.query_lens, ctx.kv_lens, self.scale, spec.sliding_window)
-        return self.o_proj(out.reshape(num_tokens, -1))
+            )  # fmt: skip
+        if nd < ctx.num_seqs:
+            slots = ctx.prefill_kv_slots(self.k_cache.shape[1])
+            k = self.k_cache.flatten(0, 1)[slots]  # [Lp, Hkv, D]
+            v = self.v_cache.flatten(0, 1)[slots]  # [Lp, Hkv, D]
+            parts.append(
+                varlen_attention_torch(q[nd:], k, v, ctx.prefill_query_lens, ctx.prefill_kv_lens, self.scale, window)
+            )
+        return parts[0] if len(parts) == 1 else torch.cat(parts)

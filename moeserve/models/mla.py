@@ -1,7 +1,8 @@
 """DeepSeek's multi-head latent attention (MLA).
 
 The cache holds the compressed latent (normalised kv latent + the rotated shared key part), not per-head keys and
-values: [N, S, 1, kv_lora_rank + qk_rope_head_dim]. Keys and values are expanded from it with kv_b_proj.
+values: [N, S, 1, kv_lora_rank + qk_rope_head_dim]. Prefill rows expand keys and values from it with kv_b_proj;
+decode rows attend to the latent directly (the absorbed form, see MLAttention._decode_attention).
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeserve.forward_context import get_forward_context
-from moeserve.kernels.attention import gather_kv, store_kv, varlen_attention_torch
+from moeserve.forward_context import ForwardContext, forward_context, get_forward_context
+from moeserve.kernels.attention import kv_slots, store_kv, varlen_attention_torch
+from moeserve.kernels.paged_attention import paged_decode_attention
 from moeserve.models.norm import RMSNorm
 from moeserve.models.rotary import RotaryEmbedding
 from moeserve.models.spec import MLASpec
@@ -52,16 +54,92 @@ class MLAttention(nn.Module):
         q_rope = self.rotary(q_rope, cos, sin)
         k_rope = self.rotary(k_rope[:, None, :], cos, sin)  # [T, 1, rope]
         cached = torch.cat((latent[:, None, :], k_rope), dim=-1)  # [T, 1, kv_lora_rank + rope]
-        if ctx.uses_cache:
-            if self.kv_cache is None:
-                raise RuntimeError("the forward context addresses a KV cache but none is allocated for this layer")
-            store_kv(self.kv_cache, cached, ctx.slot_mapping)
-            cached = gather_kv(self.kv_cache, ctx.block_tables, ctx.kv_lens)  # [L, 1, kv_lora_rank + rope]
-        kv_len = cached.shape[0]
+        if not ctx.uses_cache:  # whole sequences (prefill-only, tests, training): this step's latents are all
+            out = self._expanded_attention(q_nope, q_rope, cached, ctx.query_lens, ctx.kv_lens, None)
+            return self.o_proj(out.reshape(num_tokens, -1))
+        if self.kv_cache is None:
+            raise RuntimeError("the forward context addresses a KV cache but none is allocated for this layer")
+        store_kv(self.kv_cache, cached, ctx.slot_mapping)
+        nd, parts = ctx.num_decodes, []
+        if nd:
+            parts.append(self._decode_attention(q_nope[:nd], q_rope[:nd], ctx))
+        if nd < ctx.num_seqs:
+            cached = self.kv_cache.flatten(0, 1)[ctx.prefill_kv_slots(self.kv_cache.shape[1])]  # [Lp, 1, R + rope]
+            slot = None if ctx.adapter_slot is None else _kv_adapter_slots(ctx, nd)
+            parts.append(
+                self._expanded_attention(
+                    q_nope[nd:], q_rope[nd:], cached, ctx.prefill_query_lens, ctx.prefill_kv_lens, slot
+                )
+            )
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [T, Hq, v]
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+    def _expanded_attention(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        cached: torch.Tensor,
+        query_lens: list[int],
+        kv_lens: list[int],
+        adapter_slot: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per-head keys and values expanded from the latents, then causal attention: q_nope [Tq, Hq, nope],
+        q_rope [Tq, Hq, rope], cached [L, 1, R + rope] (the sequences' latents packed back to back), adapter_slot
+        [L] the adapter of each latent's sequence for kv_b_proj, or None to keep the context's (the latents are
+        this step's tokens, or no token has an adapter). Returns [Tq, Hq, v].
+        """
+        spec, heads, kv_len = self.spec, self.spec.num_heads, cached.shape[0]
         latent, k_rope = cached[:, 0].split([spec.kv_lora_rank, spec.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b_proj(latent).view(kv_len, heads, -1)  # [L, Hq, nope + v]
+        kv = self._kv_b_proj(latent, adapter_slot).view(kv_len, heads, -1)  # [L, Hq, nope + v]
         k_nope, v = kv.split([spec.qk_nope_head_dim, spec.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_rope[:, None, :].expand(kv_len, heads, -1)), dim=-1)  # [L, Hq, nope + rope]
-        q = torch.cat((q_nope, q_rope), dim=-1)  # [T, Hq, nope + rope]
-        out = varlen_attention_torch(q, k, v, ctx.query_lens, ctx.kv_lens, spec.softmax_scale)  # [T, Hq, v]
-        return self.o_proj(out.reshape(num_tokens, -1))
+        q = torch.cat((q_nope, q_rope), dim=-1)  # [Tq, Hq, nope + rope]
+        return varlen_attention_torch(q, k, v, query_lens, kv_lens, spec.softmax_scale)
+
+    def _kv_b_proj(self, latent: torch.Tensor, adapter_slot: torch.Tensor | None) -> torch.Tensor:
+        """kv_b_proj of latents that are not this step's tokens: an adapter-wrapped layer reads each row's adapter
+        from the forward context, so it runs under one whose adapter_slot names the adapter of every latent."""
+        if isinstance(self.kv_b_proj, nn.Linear) or adapter_slot is None:
+            return self.kv_b_proj(latent)
+        with forward_context(ForwardContext.for_sequences([latent.shape[0]], latent.device)) as rows:
+            rows.adapter_slot = adapter_slot
+            return self.kv_b_proj(latent)
+
+    def _decode_attention(self, q_nope: torch.Tensor, q_rope: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """The decode rows (one query each, q_nope [Bd, Hq, nope], q_rope [Bd, Hq, rope]) read the latent cache in
+        place, in the absorbed form: kv_b_proj's key half folds into the query, so scores are taken against the
+        latent itself, k_nope . q_nope = latent . (W_uk^T q_nope), and its value half is applied once to the
+        attention-weighted latent. The cache is then one key/value head shared by all query heads. Returns
+        [Bd, Hq, v].
+        """
+        spec = self.spec
+        if not isinstance(self.kv_b_proj, nn.Linear) and ctx.adapter_slot is not None:  # a delta does not fold
+            latent = self.kv_cache.flatten(0, 1)[_decode_kv_slots(ctx, self.kv_cache.shape[1])]
+            slot = _kv_adapter_slots(ctx, 0, ctx.num_decodes)
+            return self._expanded_attention(
+                q_nope, q_rope, latent, [1] * ctx.num_decodes, ctx.kv_lens[: ctx.num_decodes], slot
+            )
+        weight = self.kv_b_proj.weight.view(spec.num_heads, -1, spec.kv_lora_rank)  # [Hq, nope + v, R]
+        w_uk, w_uv = weight.split([spec.qk_nope_head_dim, spec.v_head_dim], dim=1)  # [Hq, nope, R], [Hq, v, R]
+        q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)  # [Bd, Hq, R]
+        q = torch.cat((q_latent, q_rope), dim=-1)  # [Bd, Hq, R + rope]
+        cache = self.kv_cache  # [N, S, 1, R + rope]; the values are its latent part, a view
+        out = paged_decode_attention(
+            q, cache, cache[..., : spec.kv_lora_rank], ctx.decode_block_tables, ctx.decode_context_lens,
+            spec.softmax_scale, None, ctx.decode_max_context_len,
+        )  # fmt: skip  # [Bd, Hq, R]
+        return torch.einsum("bhr,hvr->bhv", out, w_uv)  # [Bd, Hq, v]
+
+
+def _decode_kv_slots(ctx: ForwardContext, block_size: int) -> torch.Tensor:
+    return kv_slots(ctx.decode_block_tables, ctx.kv_lens[: ctx.num_decodes], block_size)
+
+
+def _kv_adapter_slots(ctx: ForwardContext, first: int, last: int | None = None) -> torch.Tensor:
+    """[sum(kv_lens[first:last])] the adapter slot of every cached token of sequences first..last-1 (a sequence's
+    tokens share its adapter: its first query token's slot), without a device sync."""
+    last = ctx.num_seqs if last is None else last
+    seq_slot = ctx.adapter_slot[ctx.cu_seqlens_q[first:last].long()]  # [n]
+    lens = ctx.kv_lens[first:last]
+    repeats = torch.tensor(lens, device=seq_slot.device)
+    return torch.repeat_interleave(seq_slot, repeats, output_size=sum(lens))
