@@ -36,6 +36,8 @@ class ForwardContext:
     # Adapter slot -> the indices [n] int64 of its tokens in the batch, for every slot present (the base's 0
     # included); built by the runner from host data. Left None, it is derived from adapter_slot (a host sync).
     adapter_groups: dict[int, torch.Tensor] | None = None
+    # [B] host: the adapter slot of each sequence (its tokens share it); derived from adapter_slot when not given.
+    seq_adapter_slots: list[int] | None = None
     # Host copies of the boundaries, so attention can split the batch without a device sync per layer.
     query_lens: list[int] = field(default_factory=list)
     kv_lens: list[int] = field(default_factory=list)
@@ -107,6 +109,15 @@ class ForwardContext:
             self.adapter_groups = {s: torch.nonzero(slots == s).squeeze(1) for s in torch.unique(slots).tolist()}
         return self.adapter_groups
 
+    def sequence_adapter_slots(self) -> list[int]:
+        """seq_adapter_slots; derived from adapter_slot (with a host sync) where the caller did not give them."""
+        if self.seq_adapter_slots is None:
+            if self.adapter_slot is None:
+                self.seq_adapter_slots = [0] * self.num_seqs
+            else:
+                self.seq_adapter_slots = self.adapter_slot[self.cu_seqlens_q[:-1].long()].tolist()
+        return self.seq_adapter_slots
+
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
@@ -127,6 +138,17 @@ class ForwardContext:
         cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32, device=device)
         cu[1:] = torch.cumsum(lens, 0)
         return cls(cu_seqlens_q=cu, context_lens=lens, query_lens=list(seq_lens), kv_lens=list(seq_lens))
+
+
+def adapter_rows(slots: list[int], lens: list[int], device: torch.device | str) -> tuple[torch.Tensor, dict]:
+    """For rows packed per sequence (sequence i has lens[i] rows, all of adapter slot slots[i]): the slot of every
+    row [sum(lens)] and each slot's row indices, built from the host lists (no device sync)."""
+    per_row = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), torch.tensor(lens))  # [L] on the host
+    order = torch.argsort(per_row, stable=True)
+    present = sorted(set(slots))
+    counts = [sum(n for s, n in zip(slots, lens) if s == slot) for slot in present]
+    groups = {slot: rows.to(device) for slot, rows in zip(present, torch.split(order, counts))}
+    return per_row.to(device), groups
 
 
 _CONTEXT: ForwardContext | None = None

@@ -128,10 +128,6 @@ def _raise(*args, **kwargs):
     raise SyncError("a device -> host sync inside the model's forward")
 
 
-# Modules other people own that still sync; the test names the frame and xfails there instead of failing.
-KNOWN_SYNCS = {"kernels/fused_moe.py": "fused_moe_torch: torch.bincount(...).tolist() for the per-expert loop"}
-
-
 def sync_origin(error: SyncError) -> str:
     """The repository file (as 'dir/name.py') of the innermost moeserve frame that called the patched function."""
     frames = [f for f in traceback.extract_tb(error.__traceback__) if "/tests/" not in f.filename]
@@ -176,10 +172,7 @@ def test_model_decode_step_without_syncs(tiny_dir, arch, monkeypatch):
             no_syncs(patched)
             hidden = model(ids, positions)
     except SyncError as error:
-        origin = sync_origin(error)
-        known = next((why for path, why in KNOWN_SYNCS.items() if origin.startswith(path)), None)
-        assert known is not None, f"{arch}: the model's forward syncs in {origin}"
-        pytest.xfail(f"{arch}: {origin}: {known}")
+        pytest.fail(f"{arch}: the model's forward syncs in {sync_origin(error)}")
     assert torch.isfinite(hidden).all()
 
 

@@ -107,6 +107,7 @@ class ModelRunner:
             block_tables=tables.to(dev),
             adapter_slot=None if adapter_slot is None else adapter_slot.to(dev),
             adapter_groups=groups,
+            seq_adapter_slots=seq_slots,
             query_lens=query_lens,
             kv_lens=kv_lens,
         )

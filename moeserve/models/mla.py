@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeserve.forward_context import ForwardContext, forward_context, get_forward_context
+from moeserve.forward_context import ForwardContext, adapter_rows, forward_context, get_forward_context
 from moeserve.kernels.attention import kv_slots, store_kv, varlen_attention_torch
 from moeserve.kernels.paged_attention import paged_decode_attention
 from moeserve.models.norm import RMSNorm
@@ -81,28 +81,30 @@ class MLAttention(nn.Module):
         cached: torch.Tensor,
         query_lens: list[int],
         kv_lens: list[int],
-        adapter_slot: torch.Tensor | None,
+        adapter_rows: tuple[torch.Tensor, dict] | None,
     ) -> torch.Tensor:
         """Per-head keys and values expanded from the latents, then causal attention: q_nope [Tq, Hq, nope],
-        q_rope [Tq, Hq, rope], cached [L, 1, R + rope] (the sequences' latents packed back to back), adapter_slot
-        [L] the adapter of each latent's sequence for kv_b_proj, or None to keep the context's (the latents are
-        this step's tokens, or no token has an adapter). Returns [Tq, Hq, v].
+        q_rope [Tq, Hq, rope], cached [L, 1, R + rope] (the sequences' latents packed back to back), adapter_rows
+        the adapter of each latent's sequence for kv_b_proj (_kv_adapter_slots), or None to keep the context's (the
+        latents are this step's tokens, or no token has an adapter). Returns [Tq, Hq, v].
         """
         spec, heads, kv_len = self.spec, self.spec.num_heads, cached.shape[0]
         latent, k_rope = cached[:, 0].split([spec.kv_lora_rank, spec.qk_rope_head_dim], dim=-1)
-        kv = self._kv_b_proj(latent, adapter_slot).view(kv_len, heads, -1)  # [L, Hq, nope + v]
+        kv = self._kv_b_proj(latent, adapter_rows).view(kv_len, heads, -1)  # [L, Hq, nope + v]
         k_nope, v = kv.split([spec.qk_nope_head_dim, spec.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_rope[:, None, :].expand(kv_len, heads, -1)), dim=-1)  # [L, Hq, nope + rope]
         q = torch.cat((q_nope, q_rope), dim=-1)  # [Tq, Hq, nope + rope]
         return varlen_attention_torch(q, k, v, query_lens, kv_lens, spec.softmax_scale)
 
-    def _kv_b_proj(self, latent: torch.Tensor, adapter_slot: torch.Tensor | None) -> torch.Tensor:
+    def _kv_b_proj(self, latent: torch.Tensor, rows: tuple[torch.Tensor, dict] | None) -> torch.Tensor:
         """kv_b_proj of latents that are not this step's tokens: an adapter-wrapped layer reads each row's adapter
-        from the forward context, so it runs under one whose adapter_slot names the adapter of every latent."""
-        if isinstance(self.kv_b_proj, nn.Linear) or adapter_slot is None:
+        from the forward context, so it runs under one whose adapter_slot (and groups: `rows`, from
+        `_kv_adapter_rows`) names the adapter of every latent."""
+        if isinstance(self.kv_b_proj, nn.Linear) or rows is None:
             return self.kv_b_proj(latent)
-        with forward_context(ForwardContext.for_sequences([latent.shape[0]], latent.device)) as rows:
-            rows.adapter_slot = adapter_slot
+        ctx = ForwardContext.for_sequences([latent.shape[0]], latent.device)
+        ctx.adapter_slot, ctx.adapter_groups = rows
+        with forward_context(ctx):
             return self.kv_b_proj(latent)
 
     def _decode_attention(self, q_nope: torch.Tensor, q_rope: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -135,11 +137,8 @@ def _decode_kv_slots(ctx: ForwardContext, block_size: int) -> torch.Tensor:
     return kv_slots(ctx.decode_block_tables, ctx.kv_lens[: ctx.num_decodes], block_size)
 
 
-def _kv_adapter_slots(ctx: ForwardContext, first: int, last: int | None = None) -> torch.Tensor:
-    """[sum(kv_lens[first:last])] the adapter slot of every cached token of sequences first..last-1 (a sequence's
-    tokens share its adapter: its first query token's slot), without a device sync."""
+def _kv_adapter_slots(ctx: ForwardContext, first: int, last: int | None = None) -> tuple[torch.Tensor, dict]:
+    """The adapter slot [sum(kv_lens[first:last])] of every cached token of sequences first..last-1 and each
+    slot's rows (a sequence's tokens share its adapter), from host data: no device sync."""
     last = ctx.num_seqs if last is None else last
-    seq_slot = ctx.adapter_slot[ctx.cu_seqlens_q[first:last].long()]  # [n]
-    lens = ctx.kv_lens[first:last]
-    repeats = torch.tensor(lens, device=seq_slot.device)
-    return torch.repeat_interleave(seq_slot, repeats, output_size=sum(lens))
+    return adapter_rows(ctx.sequence_adapter_slots()[first:last], ctx.kv_lens[first:last], ctx.adapter_slot.device)
