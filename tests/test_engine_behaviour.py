@@ -166,7 +166,7 @@ def test_streamed_deltas_rebuild_the_text_across_multibyte_characters(llm):
     detok = IncrementalDetokenizer(tok, stop=[])
     pieces = []
     for i in range(1, len(ids) + 1):
-        new, _ = detok.update(ids[i - 1 : i], finished=i == len(ids))
+        new, _ = detok.add_tokens(ids[i - 1 : i], finished=i == len(ids))
         assert "\ufffd" not in new
         pieces.append(new)
     assert "".join(pieces) == text
@@ -178,7 +178,7 @@ def test_stop_string_split_across_tokens_is_never_streamed(llm):
     detok = IncrementalDetokenizer(tok, stop=["STOP"])
     streamed = ""
     for i in range(1, len(ids) + 1):
-        new, hit = detok.update(ids[i - 1 : i], finished=False)
+        new, hit = detok.add_tokens(ids[i - 1 : i], finished=False)
         streamed += new
         if hit:
             break

@@ -3,6 +3,10 @@
 A block whose reference count drops to zero goes to the back of the free list but keeps its contents and its
 prefix-cache entry, so a later request with the same prefix can take it back. Blocks are handed out from the front
 of the free list (least recently freed first); handing one out evicts its prefix-cache entry.
+
+A prefix-cache entry keeps, beside the hash it is found by, the key the hash was made from (the previous block's
+hash and this block's tokens), and a lookup must present the same key: two prefixes whose hashes collide do not
+share KV unless the colliding blocks also hold the same tokens after the same parent hash.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[Hashable | None] = [None] * num_blocks
+        self.block_key: list[Hashable | None] = [None] * num_blocks  # what block_hash was computed from
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._cached: dict[Hashable, int] = {}  # prefix hash -> block holding that prefix's last block of tokens
 
@@ -42,11 +47,14 @@ class BlockPool:
         if old is not None:
             self._cached.pop(old, None)
             self.block_hash[block] = None
+            self.block_key[block] = None
         self.ref_counts[block] = 1
         return block
 
-    def lookup(self, block_hash: Hashable) -> int | None:
-        return self._cached.get(block_hash)
+    def lookup(self, block_hash: Hashable, key: Hashable) -> int | None:
+        """The cached block registered under `block_hash` from this same `key`, or None."""
+        block = self._cached.get(block_hash)
+        return block if block is not None and self.block_key[block] == key else None
 
     def share(self, block: int) -> None:
         """Takes one more reference to a cached block (a prefix-cache hit)."""
@@ -54,11 +62,13 @@ class BlockPool:
             del self._free[block]
         self.ref_counts[block] += 1
 
-    def register(self, block: int, block_hash: Hashable) -> None:
-        """Records that a full block holds the prefix `block_hash`; the first block registered for it wins."""
+    def register(self, block: int, block_hash: Hashable, key: Hashable) -> None:
+        """Records that a full block holds the prefix `block_hash`, made from `key`; the first block registered for
+        a hash wins."""
         if block_hash not in self._cached:
             self._cached[block_hash] = block
             self.block_hash[block] = block_hash
+            self.block_key[block] = key
 
     def free(self, blocks: Iterable[int]) -> None:
         for block in blocks:

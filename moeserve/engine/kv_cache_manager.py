@@ -8,13 +8,23 @@ from moeserve.engine.block_pool import BlockPool
 from moeserve.engine.sequence import Sequence
 
 
+def root_hash(adapter: Hashable | None) -> Hashable:
+    """The parent of a sequence's first block: the same prefix under two adapters, or two versions of one, is
+    different KV."""
+    return ("adapter", adapter)
+
+
+def hash_block(parent: Hashable, tokens: tuple[int, ...]) -> Hashable:
+    """The prefix key of one full block: its tokens and its parent's key (so, everything before it)."""
+    return hash((parent, tokens))
+
+
 def block_hashes(token_ids: list[int], block_size: int, adapter: Hashable | None, count: int) -> list[Hashable]:
-    """Prefix keys of the first `count` full blocks: each covers its tokens, everything before, and the adapter
-    version (the same prefix under two adapters, or two versions of one, is different KV)."""
+    """Prefix keys of the first `count` full blocks, from scratch (the manager keeps them on the sequence)."""
     hashes: list[Hashable] = []
-    parent: Hashable = ("adapter", adapter)
+    parent = root_hash(adapter)
     for i in range(count):
-        parent = hash((parent, tuple(token_ids[i * block_size : (i + 1) * block_size])))
+        parent = hash_block(parent, tuple(token_ids[i * block_size : (i + 1) * block_size]))
         hashes.append(parent)
     return hashes
 
@@ -29,6 +39,20 @@ class KVCacheManager:
         """More blocks `seq` needs to hold its first `num_tokens` tokens."""
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
+    def _block_hashes(self, seq: Sequence, count: int) -> list[Hashable]:
+        """seq.block_hashes, grown to cover `count` full blocks: each block is hashed once, from the one before."""
+        hashes, size = seq.block_hashes, self.block_size
+        parent = hashes[-1] if hashes else root_hash(seq.adapter_key)
+        for i in range(len(hashes), count):
+            parent = hash_block(parent, tuple(seq.token_ids[i * size : (i + 1) * size]))
+            hashes.append(parent)
+        return hashes
+
+    def _block_key(self, seq: Sequence, i: int) -> Hashable:
+        """What block i's hash is made from: the previous block's hash and block i's tokens."""
+        parent = seq.block_hashes[i - 1] if i else root_hash(seq.adapter_key)
+        return parent, tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+
     def use_cached_prefix(self, seq: Sequence) -> int:
         """Attaches the cached blocks of seq's longest cached prefix; returns how many tokens they hold.
 
@@ -37,8 +61,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching or seq.block_table:
             return 0
         full = (seq.num_tokens - 1) // self.block_size
-        for block_hash in block_hashes(seq.token_ids, self.block_size, seq.adapter_key, full):
-            block = self.pool.lookup(block_hash)
+        for i, block_hash in enumerate(self._block_hashes(seq, full)[:full]):
+            block = self.pool.lookup(block_hash, self._block_key(seq, i))
             if block is None:
                 break
             self.pool.share(block)
@@ -64,9 +88,9 @@ class KVCacheManager:
         full = seq.num_computed_tokens // self.block_size
         if full <= seq.num_cached_blocks:
             return
-        hashes = block_hashes(seq.token_ids, self.block_size, seq.adapter_key, full)
+        hashes = self._block_hashes(seq, full)
         for i in range(seq.num_cached_blocks, full):
-            self.pool.register(seq.block_table[i], hashes[i])
+            self.pool.register(seq.block_table[i], hashes[i], self._block_key(seq, i))
         seq.num_cached_blocks = full
 
     def free(self, seq: Sequence) -> None:

@@ -72,7 +72,7 @@ class OutputProcessor:
         text_ids = out.new_token_ids
         if reason == "stop" and not params.include_stop_str_in_output:
             text_ids = text_ids[:-1]  # the stop token or EOS that ended it is not text
-        new_text, stop_str = state.detokenizer.update(text_ids, finished=reason is not None)
+        new_text, stop_str = state.detokenizer.add_tokens(text_ids, finished=reason is not None)
         if stop_str is not None:
             reason, stop_reason = "stop", stop_str
         request = state.request

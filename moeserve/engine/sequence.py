@@ -42,6 +42,9 @@ class Sequence:
     num_computed_tokens: int = 0  # leading tokens whose keys/values are in the cache
     block_table: list[int] = field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
+    # Prefix-cache hashes of the leading full blocks, each from the one before (see kv_cache_manager). They depend
+    # only on the tokens and the adapter, so they stay valid when the sequence is preempted and its blocks freed.
+    block_hashes: list[Hashable] = field(default_factory=list)
     num_prefix_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length" or "abort"
