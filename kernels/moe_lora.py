@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 from moeserve.kernels.backend import use_triton
 
-# The twin's two paths, both without host syncs (measured on CPU, one thread, Din=Dout=128, r=8, 8 adapters):
+# The twin's paths, all without host syncs (measured on CPU, one thread, Din=Dout=128, r=8, 8 adapters):
+#   dense    every (slot, expert) of the tables for every token, two plain matmuls, weighted by a [T, S*E] scatter:
+#            the fastest while T * S*E*r stays small (decode with the tables' r tight, as AdaptedLinear keeps them);
 #   gather   each assignment's A and B gathered, two batched matmuls: the fastest up to ~64 assignments (decode);
 #   grouped  assignments sorted by (slot, expert), two F.grouped_mm calls: the fastest beyond (3-5x gather at 2048
 #            tokens), where F.grouped_mm runs (CPU, r, Din, Dout multiples of 4); otherwise gather, in chunks.
@@ -27,6 +29,9 @@ GATHER_MAX_ASSIGNMENTS = 64
 # Bound on the per-assignment copies of A and B that one chunk of the gather path holds (fp32 bytes): a prefill of
 # thousands of tokens at r=64, Din=Dout=4096 goes in chunks of a few dozen tokens.
 TWIN_CHUNK_BYTES = 1 << 26
+# The dense path while tokens x table columns (T * S*E*r) stay under this: a few hundred thousand multiply-adds
+# per input feature, cheaper than any gather at decode sizes.
+DENSE_MAX_WORK = 1 << 15
 
 
 def moe_lora_torch(
@@ -52,7 +57,10 @@ def moe_lora_torch(
     slot = adapter_slot.long()  # [T]
     scaled = topk_weights.float() * scale.float()[slot][:, None]  # [T, K]
     weights = torch.where(slot[:, None] != 0, scaled, torch.zeros_like(scaled))  # [T, K]; 0 for base tokens
-    if num_tokens * top_k > GATHER_MAX_ASSIGNMENTS and grouped_mm_fits(x, lora_a, lora_b):
+    num_slots, num_experts, rank = lora_a.shape[:3]
+    if num_tokens * num_slots * num_experts * rank <= DENSE_MAX_WORK:
+        delta = _dense(x, lora_a, lora_b, slot, topk_ids, weights)
+    elif num_tokens * top_k > GATHER_MAX_ASSIGNMENTS and grouped_mm_fits(x, lora_a, lora_b):
         delta = _grouped(x, lora_a, lora_b, slot, topk_ids, weights)
     else:
         delta = _gather(x, lora_a, lora_b, slot, topk_ids, weights)
@@ -81,6 +89,21 @@ def _grouped(x, lora_a, lora_b, slot, topk_ids, weights) -> torch.Tensor:
     y = torch.empty_like(y_sorted)
     y[order] = y_sorted
     return y.view(num_tokens, top_k, d_out).sum(dim=1)
+
+
+def _dense(x, lora_a, lora_b, slot, topk_ids, weights) -> torch.Tensor:
+    """The delta [T, Dout] in fp32 through every (slot, expert) of the tables: h = x A^T for all of them, each
+    token's h scaled by its weight for its own (slot, expert) pairs (0 for the others), then one matmul with B."""
+    num_tokens = x.shape[0]
+    num_slots, num_experts, rank, d_in = lora_a.shape
+    d_out = lora_b.shape[2]
+    pairs = num_slots * num_experts
+    a = lora_a.float().reshape(pairs * rank, d_in)  # [S*E*r, Din]
+    b = lora_b.float().reshape(pairs, d_out, rank).transpose(1, 2).reshape(pairs * rank, d_out)  # [S*E*r, Dout]
+    mix = torch.zeros(num_tokens, pairs, dtype=torch.float32, device=x.device)  # [T, S*E]
+    mix.scatter_add_(1, slot[:, None] * num_experts + topk_ids.long(), weights)
+    h = (x.float() @ a.t()).view(num_tokens, pairs, rank) * mix[:, :, None]  # [T, S*E, r]
+    return h.view(num_tokens, pairs * rank) @ b  # [T, Dout]
 
 
 def _gather(x, lora_a, lora_b, slot, topk_ids, weights) -> torch.Tensor:

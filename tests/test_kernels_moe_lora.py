@@ -92,9 +92,21 @@ def run(fn, case):
     return out
 
 
+def force_path(monkeypatch, path: str) -> None:
+    """Makes the twin take `path` (dense, gather, gather_chunked, grouped) on the small test cases."""
+    if path != "dense":
+        monkeypatch.setattr(twin_module, "DENSE_MAX_WORK", -1)
+    if path == "gather_chunked":
+        monkeypatch.setattr(twin_module, "TWIN_CHUNK_BYTES", 1)  # one token per chunk
+    if path == "grouped":
+        monkeypatch.setattr(twin_module, "GATHER_MAX_ASSIGNMENTS", 0)
+
+
+@pytest.mark.parametrize("path", ["dense", "gather"])
 @pytest.mark.parametrize("slots_kind", ["all_base", "one_adapter", "distinct", "skewed"])
 @pytest.mark.parametrize("experts,top_k", [(4, 4), (4, 2), (1, 1)])
-def test_twin_matches_per_token_loop(slots_kind, experts, top_k):
+def test_twin_matches_per_token_loop(monkeypatch, path, slots_kind, experts, top_k):
+    force_path(monkeypatch, path)
     case = make_case(9, 5, experts, top_k, rank=4, d_in=12, d_out=10, seed=experts * 10 + top_k, slots_kind=slots_kind)
     torch.testing.assert_close(run(moe_lora_torch, case), per_token_loop(*case))
 
@@ -125,12 +137,9 @@ def mixed_case(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["gather", "gather_chunked", "grouped"])
+@pytest.mark.parametrize("path", ["dense", "gather", "gather_chunked", "grouped"])
 def test_twin_mixed_slots_and_padded_experts(monkeypatch, dtype, path):
-    if path == "gather_chunked":
-        monkeypatch.setattr(twin_module, "TWIN_CHUNK_BYTES", 1)  # one token per chunk
-    if path == "grouped":
-        monkeypatch.setattr(twin_module, "GATHER_MAX_ASSIGNMENTS", 0)
+    force_path(monkeypatch, path)
     case = mixed_case(dtype)
     assert DEVICE == "cuda" or twin_module.grouped_mm_fits(*case[:3]), "the case must take the path it names"
     got = run(moe_lora_torch, case)
@@ -139,9 +148,9 @@ def test_twin_mixed_slots_and_padded_experts(monkeypatch, dtype, path):
     assert torch.equal(got[base], case[-1][base]), "base tokens must leave out untouched"
 
 
-@pytest.mark.parametrize("gather_max", [64, 0])  # either path
-def test_twin_does_not_sync(monkeypatch, gather_max):
-    monkeypatch.setattr(twin_module, "GATHER_MAX_ASSIGNMENTS", gather_max)
+@pytest.mark.parametrize("path", ["dense", "gather", "grouped"])
+def test_twin_does_not_sync(monkeypatch, path):
+    force_path(monkeypatch, path)
     case = mixed_case(torch.float32)
     expected = per_token_loop(*case)
 

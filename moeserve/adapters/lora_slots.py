@@ -70,10 +70,19 @@ class AdaptedLinear(nn.Module):
         return self.base.weight
 
     def _table(self, name: str, *shape: int) -> torch.Tensor:
-        if name not in self.tables:
-            w = self.base.weight
-            self.tables[name] = torch.zeros(self.num_slots + 1, *shape, dtype=w.dtype, device=w.device)
-        return self.tables[name]
+        """The table [S+1, *shape], at least that large in every dimension: made on first use, grown (zero-padded,
+        contents kept) when an adapter needs more, so the LoRA tables stay as small as the resident adapters'
+        largest rank and expert count rather than the configured maxima (the CPU twin's cost scales with them)."""
+        old = self.tables.get(name)
+        if old is not None and all(have >= want for have, want in zip(old.shape[1:], shape)):
+            return old
+        w = self.base.weight
+        size = shape if old is None else tuple(max(a, b) for a, b in zip(old.shape[1:], shape))
+        table = torch.zeros(self.num_slots + 1, *size, dtype=w.dtype, device=w.device)
+        if old is not None:
+            table[(slice(None), *(slice(0, n) for n in old.shape[1:]))] = old
+        self.tables[name] = table
+        return table
 
     def load(self, slot: int, w: ModuleWeights) -> None:
         num = w.num_experts
@@ -85,9 +94,10 @@ class AdaptedLinear(nn.Module):
             rank = w.rank
             if rank > self.max_rank:
                 raise ValueError(f"rank {rank} exceeds the configured maximum of {self.max_rank}")
-            self._table("lora_a", self.max_experts, self.max_rank, din)[slot, :num, :rank] = w.lora_a
-            self._table("lora_b", self.max_experts, dout, self.max_rank)[slot, :num, :, :rank] = w.lora_b
+            self._table("lora_a", num, rank, din)[slot, :num, :rank] = w.lora_a
+            self._table("lora_b", num, dout, rank)[slot, :num, :, :rank] = w.lora_b
             self._table("lora_scale")[slot] = w.scale
+            self._table("lora_plain")[slot] = float(w.router is None)
             kind, router_name, router_dim = "lora", "lora_router", din
         else:
             kind = "ia3_in" if w.ia3_input else "ia3_out"
@@ -95,7 +105,7 @@ class AdaptedLinear(nn.Module):
             self._table(f"{kind}_vec", self.max_experts, dim)[slot, :num] = w.ia3
             router_name, router_dim = f"{kind}_router", dim
         if w.router is not None:
-            self._table(router_name, self.max_experts, router_dim)[slot, :num] = w.router
+            self._table(router_name, num if kind == "lora" else self.max_experts, router_dim)[slot, :num] = w.router
         self.kind[slot] = kind
         self.routing[slot] = _SlotRouting(num, w.router is not None, w.top_k, w.renormalize)
 
@@ -141,17 +151,22 @@ class AdaptedLinear(nn.Module):
     def _add_lora(
         self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, lora_slots: list[int], groups: dict
     ) -> None:
-        ks = [
-            self.routing[s].num_experts if self.routing[s].top_k is None else self.routing[s].top_k for s in lora_slots
-        ]
-        top_k = max(ks)
-        ids = torch.zeros(x.shape[0], top_k, dtype=torch.long, device=x.device)  # [T, K]
-        weights = torch.zeros(x.shape[0], top_k, dtype=torch.float32, device=x.device)  # [T, K]; 0 for base tokens
-        for s in lora_slots:
-            router = self.tables["lora_router"][s] if self.routing[s].has_router else None
-            s_ids, s_weights = _route(x[groups[s]], router, self.routing[s])
-            ids[groups[s], : s_ids.shape[1]] = s_ids
-            weights[groups[s], : s_weights.shape[1]] = s_weights
-        # Tokens of slots without LoRA here (base, or IA3-only) are masked to slot 0, which adds nothing.
-        lora_slot = torch.where(weights.sum(dim=-1) > 0, slots, torch.zeros_like(slots))
-        moe_lora(x, self.tables["lora_a"], self.tables["lora_b"], lora_slot, ids, weights, self.tables["lora_scale"], y)
+        routed = [s for s in lora_slots if self.routing[s].has_router]
+        top_k = max(
+            [1] + [self.routing[s].num_experts if self.routing[s].top_k is None else self.routing[s].top_k for s in routed]
+        )
+        # Plain LoRA slots (one expert, weight 1): one table lookup for all their tokens; 0 for every other token.
+        plain = self.tables["lora_plain"][slots.long()].float()  # [T]
+        if not routed:
+            ids = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)  # [T, 1]
+            weights = plain[:, None]  # [T, 1]
+        else:
+            ids = torch.zeros(x.shape[0], top_k, dtype=torch.long, device=x.device)  # [T, K]
+            weights = torch.zeros(x.shape[0], top_k, dtype=torch.float32, device=x.device)  # [T, K]
+            weights[:, 0] = plain
+            for s in routed:  # each routed slot's router on its own tokens
+                s_ids, s_weights = _route(x[groups[s]], self.tables["lora_router"][s], self.routing[s])
+                ids[groups[s], : s_ids.shape[1]] = s_ids
+                weights[groups[s], : s_weights.shape[1]] = s_weights
+        # Tokens with no LoRA here (base, IA3-only slots) have weight 0 and add nothing.
+        moe_lora(x, self.tables["lora_a"], self.tables["lora_b"], slots, ids, weights, self.tables["lora_scale"], y)

@@ -1,0 +1,67 @@
+"""AdaptedLinear's per-slot tables: each token gets its own slot's LoRA experts, whatever else is resident, and the
+tables grow to the largest rank and expert count loaded without disturbing what is already there."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeserve.adapters.lora_slots import AdaptedLinear
+from moeserve.adapters.weights import ModuleWeights
+from moeserve.forward_context import ForwardContext, forward_context
+
+
+def lora(g, experts, rank, din=12, dout=10, router=False, top_k=None):
+    return ModuleWeights(
+        lora_a=torch.randn(experts, rank, din, generator=g),
+        lora_b=torch.randn(experts, dout, rank, generator=g),
+        router=torch.randn(experts, din, generator=g) if router else None,
+        top_k=top_k,
+        scale=0.5,
+    )
+
+
+def reference(base: nn.Linear, w: ModuleWeights, x: torch.Tensor) -> torch.Tensor:
+    """One adapter on its own tokens, straight from the definition."""
+    y = base(x)
+    if w.router is None:
+        return y + w.scale * x @ w.lora_a[0].t() @ w.lora_b[0].t()
+    probs = (x @ w.router.t()).softmax(dim=-1)  # [n, E]
+    if w.top_k is not None:
+        top = probs.topk(w.top_k, dim=-1)
+        probs = torch.zeros_like(probs).scatter(1, top.indices, top.values)
+    deltas = torch.einsum("ni,eri,eor->neo", x, w.lora_a, w.lora_b)  # [n, E, out]
+    return y + w.scale * (probs[:, :, None] * deltas).sum(1)
+
+
+def run(layer: AdaptedLinear, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    ctx = ForwardContext.for_sequences([x.shape[0]])
+    ctx.adapter_slot = torch.tensor(slots, dtype=torch.int32)
+    with torch.no_grad(), forward_context(ctx):
+        return layer(x)
+
+
+def test_tables_grow_and_every_slot_keeps_its_own_adapter():
+    g = torch.Generator().manual_seed(0)
+    base = nn.Linear(12, 10)
+    layer = AdaptedLinear(base, num_slots=3, max_rank=16, max_experts=8)
+    adapters = {1: lora(g, 1, 2), 2: lora(g, 4, 6, router=True, top_k=2), 3: lora(g, 3, 4, router=True)}
+    x = torch.randn(9, 12, generator=g)
+    slots = [0, 1, 2, 3, 1, 0, 3, 2, 1]
+    layer.load(1, adapters[1])
+    assert layer.tables["lora_a"].shape == (4, 1, 2, 12)  # as small as the one resident adapter
+    first = run(layer, x, [s if s == 1 else 0 for s in slots])
+    layer.load(2, adapters[2])
+    layer.load(3, adapters[3])
+    assert layer.tables["lora_a"].shape == (4, 4, 6, 12) and layer.tables["lora_b"].shape == (4, 4, 10, 6)
+    got = run(layer, x, slots)
+    torch.testing.assert_close(got[[1, 4, 8]], first[[1, 4, 8]])  # slot 1 unchanged by the growth
+    for slot, w in adapters.items():
+        rows = [i for i, s in enumerate(slots) if s == slot]
+        torch.testing.assert_close(got[rows], reference(base, w, x[rows]), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(got[[0, 5]], base(x[[0, 5]]))
+    layer.unload(2)
+    after = run(layer, x, [0 if s == 2 else s for s in slots])
+    with torch.no_grad():
+        torch.testing.assert_close(after[[2, 7]], base(x[[2, 7]]))
