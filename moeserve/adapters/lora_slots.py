@@ -152,9 +152,7 @@ class AdaptedLinear(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, lora_slots: list[int], groups: dict
     ) -> None:
         routed = [s for s in lora_slots if self.routing[s].has_router]
-        top_k = max(
-            [1] + [self.routing[s].num_experts if self.routing[s].top_k is None else self.routing[s].top_k for s in routed]
-        )
+        top_k = max([1] + [self.routing[s].top_k or self.routing[s].num_experts for s in routed])
         # Plain LoRA slots (one expert, weight 1): one table lookup for all their tokens; 0 for every other token.
         plain = self.tables["lora_plain"][slots.long()].float()  # [T]
         if not routed:
