@@ -146,6 +146,31 @@ def machine_info() -> dict[str, str]:
     return info
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)  # idle and iowait are not busy
+
+
+def wait_quiet(max_wait: float = 5.0, busy_below: float = 0.1, window: float = 0.1) -> float:
+    """Waits until the machine has been nearly idle for one window (at most max_wait seconds); returns the wait.
+
+    Runs alternate between systems, and a system can keep the CPU busy after its last response (vLLM's CPU
+    worker spins one core for about a second): without this, whichever system runs next pays for it.
+    """
+    start = time.monotonic()
+    if not Path("/proc/stat").exists():
+        return 0.0
+    busy0, total0 = _cpu_times()
+    while time.monotonic() - start < max_wait:
+        time.sleep(window)
+        busy1, total1 = _cpu_times()
+        if (busy1 - busy0) / max(1, total1 - total0) < busy_below:
+            break
+        busy0, total0 = busy1, total1
+    return time.monotonic() - start
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -285,9 +310,11 @@ def run_sweep(args: argparse.Namespace) -> dict:
                     if time.monotonic() - started > args.max_seconds:
                         report["skipped"].append({"cell": cell.key, "system": system, "rep": rep})
                         continue
+                    quiet = wait_quiet()  # the previous system's tail of CPU work is not this system's to pay
                     timings: RunTimings = runners[system](work)
                     report["runs"].append({"cell": cell.key, "n": cell.n, "label": cell.label, "k": cell.k,
-                                           "system": system, "rep": rep, **timings.to_json()})  # fmt: skip
+                                           "system": system, "rep": rep, "quiet_wait_s": round(quiet, 2),
+                                           **timings.to_json()})  # fmt: skip
                     logger.info("rep %d %-28s %-28s %8.1f tok/s", rep, cell.key, system, timings.tokens_per_s)
     report["load_after"] = load_average()
     report["sweep_s"] = time.monotonic() - started

@@ -57,6 +57,24 @@ class ServerConfig:
         raise APIError(400, f"adapter path {raw!r} is outside the allowed adapter directories", "lora_path")
 
 
+class APIKeyMiddleware:
+    """Refuses /v1 requests without `Authorization: Bearer <key>` (401). Plain ASGI, not BaseHTTPMiddleware: that
+    one puts every streamed chunk through an extra task and memory stream, and hides client disconnects."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            token = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.key):
+                await error_response(401, "invalid or missing API key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(config.served_model_name)
     serving = OpenAIServing(engine, config.served_model_name)
@@ -76,14 +94,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
 
-    @app.middleware("http")
-    async def require_api_key(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
-                return error_response(401, "invalid or missing API key")
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
 
     async def with_disconnect_abort(request: Request, work):
         """Runs a non-streaming handler; a client that goes away cancels it, which aborts its engine requests."""

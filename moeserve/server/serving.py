@@ -57,6 +57,16 @@ class OpenAIServing:
         self, request_id: str, prompt: str | list[int], params: SamplingParams, adapter: str | None
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of all n choices of one prompt, interleaved as they come (choice i has index i)."""
+        if params.n == 1:  # one engine request: its outputs as they are, with no task and queue in between
+            try:
+                async for out in self.engine.generate(f"{request_id}-0", prompt, params, adapter, index=0):
+                    yield out
+            except Exception as exc:
+                mapped = _api_error(exc)
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:
