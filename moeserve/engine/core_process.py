@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -100,6 +101,8 @@ class _CoreServer:
 
 def run_engine_core(config: EngineConfig, adapters: list[tuple[str, str]], conn: Connection) -> None:
     """Entry point of the core process: build the core, register the adapters, serve the pipe until shutdown."""
+    # Ctrl-C reaches the whole process group; the front end decides when the core stops (it sends "shutdown").
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         core = EngineCore(config)

@@ -70,6 +70,7 @@ class DecodeGraphs:
         self.capture = capture
         self.scratch_slot = scratch_block * block_size
         self.scratch_block = scratch_block
+        self.max_context = max_blocks_per_seq * block_size
         n, m = self.sizes[-1], max_blocks_per_seq
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)  # [Bmax]
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)  # [Bmax]
@@ -102,7 +103,9 @@ class DecodeGraphs:
                 slot_mapping=self.slot_mapping[:size],
                 block_tables=self.block_tables[:size],
                 query_lens=[1] * size,
-                kv_lens=[1] * size,
+                # Host lengths are baked into the graph (attention pads to the longest): give the bound the block
+                # tables can address, so a replay serves any context up to it; the device lengths mask the rest.
+                kv_lens=[self.max_context] * size,
             )
 
             def forward() -> torch.Tensor:
