@@ -56,6 +56,7 @@ class AdaptedLinear(nn.Module):
         self.kind: list[str | None] = [None] * (num_slots + 1)  # per slot: "lora", "ia3_out", "ia3_in" or None
         self.routing: list[_SlotRouting | None] = [None] * (num_slots + 1)
         self.tables: dict[str, torch.Tensor] = {}
+        self.rank = [0] * (num_slots + 1)  # per slot: its LoRA rank (0: none)
 
     @property
     def in_features(self) -> int:
@@ -98,6 +99,7 @@ class AdaptedLinear(nn.Module):
             self._table("lora_b", num, dout, rank)[slot, :num, :, :rank] = w.lora_b
             self._table("lora_scale")[slot] = w.scale
             self._table("lora_plain")[slot] = float(w.router is None)
+            self.rank[slot] = rank
             kind, router_name, router_dim = "lora", "lora_router", din
         else:
             kind = "ia3_in" if w.ia3_input else "ia3_out"
@@ -115,6 +117,7 @@ class AdaptedLinear(nn.Module):
             table[slot].zero_()
         self.kind[slot] = None
         self.routing[slot] = None
+        self.rank[slot] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
@@ -167,4 +170,26 @@ class AdaptedLinear(nn.Module):
                 ids[groups[s], : s_ids.shape[1]] = s_ids
                 weights[groups[s], : s_weights.shape[1]] = s_weights
         # Tokens with no LoRA here (base, IA3-only slots) have weight 0 and add nothing.
-        moe_lora(x, self.tables["lora_a"], self.tables["lora_b"], slots, ids, weights, self.tables["lora_scale"], y)
+        lora_a, lora_b, scale, slots = self._step_tables(lora_slots, slots)
+        moe_lora(x, lora_a, lora_b, slots, ids, weights, scale, y)
+
+    def _step_tables(self, lora_slots: list[int], slots: torch.Tensor):
+        """The LoRA tables cut to this step's adapters, where that is smaller than the whole tables: the slots present
+        (and an empty slot 0 for every other token), their largest expert count and rank. The tables are padded to
+        the largest of every resident adapter, so without the cut a plain LoRA next to a resident 10-expert MoLoRA
+        would pay for 10 experts. Returns (lora_a, lora_b, scale, the tokens' slots in the cut tables)."""
+        lora_a, lora_b, scale = self.tables["lora_a"], self.tables["lora_b"], self.tables["lora_scale"]
+        experts = max(self.routing[s].num_experts for s in lora_slots)
+        rank = max(self.rank[s] for s in lora_slots)
+        if (len(lora_slots) + 1) * experts * rank >= lora_a.shape[0] * lora_a.shape[1] * lora_a.shape[2]:
+            return lora_a, lora_b, scale, slots
+        device = lora_a.device
+        index = torch.tensor([0, *lora_slots], device=device)  # [P + 1]; host data
+        local = torch.zeros(self.num_slots + 1, dtype=torch.long)
+        local[lora_slots] = torch.arange(1, len(lora_slots) + 1)  # table slot -> its place in the cut
+        return (
+            lora_a.index_select(0, index)[:, :experts, :rank],  # [P + 1, E', r', in]
+            lora_b.index_select(0, index)[:, :experts, :, :rank],  # [P + 1, E', out, r']
+            scale.index_select(0, index),  # [P + 1]
+            local.to(device)[slots.long()],  # [T]
+        )
