@@ -64,6 +64,8 @@ def test_tables_grow_and_every_slot_keeps_its_own_adapter():
         torch.testing.assert_close(got[rows], reference(base, w, x[rows]), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(got[[0, 5]], base(x[[0, 5]]))
+    for slot, w in adapters.items():  # a step of one adapter's tokens only takes the one-adapter path
+        torch.testing.assert_close(run(layer, x, [slot] * 9), reference(base, w, x), rtol=1e-5, atol=1e-5)
     layer.unload(2)
     after = run(layer, x, [0 if s == 2 else s for s in slots])
     with torch.no_grad():

@@ -128,6 +128,8 @@ class AdaptedLinear(nn.Module):
         present = [s for s in groups if self.kind[s] is not None]
         if not present:
             return self.base(x)
+        if len(groups) == 1:  # every token of the step is this one adapter's: its own tables, no per-token routing
+            return self._one_adapter(x, present[0])
         by_kind = {k: [s for s in present if self.kind[s] == k] for k in ("lora", "ia3_in", "ia3_out")}
         if by_kind["ia3_in"]:
             x_in = x.clone()
@@ -141,6 +143,30 @@ class AdaptedLinear(nn.Module):
         for s in by_kind["ia3_out"]:
             y[groups[s]] = y[groups[s]] * self._ia3_scale("ia3_out", s, y[groups[s]])
         return y
+
+    def _one_adapter(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """The step where all T tokens belong to `slot`: the same result as the per-slot path, straight from that
+        slot's tables (a plain LoRA is two small matmuls), in fp32 and rounded once like moe_lora."""
+        kind, routing = self.kind[slot], self.routing[slot]
+        if kind == "ia3_in":
+            return self.base(x * self._ia3_scale("ia3_in", slot, x))
+        y = self.base(x)  # [T, out]
+        if kind == "ia3_out":
+            return y * self._ia3_scale("ia3_out", slot, y)
+        experts, rank = routing.num_experts, self.rank[slot]
+        a = self.tables["lora_a"][slot, :experts, :rank].float()  # [E, r, in]
+        b = self.tables["lora_b"][slot, :experts, :, :rank].float()  # [E, out, r]
+        scale = self.tables["lora_scale"][slot].float()
+        xf = x.float()
+        if not routing.has_router:
+            delta = (xf @ a[0].t()) @ b[0].t()  # [T, out]
+        else:
+            ids, weights = _route(x, self.tables["lora_router"][slot], routing)  # [T, K]
+            gate = torch.zeros(x.shape[0], experts, dtype=torch.float32, device=x.device)  # [T, E]
+            gate.scatter_(1, ids, weights.float())
+            h = (xf @ a.reshape(experts * rank, -1).t()).view(x.shape[0], experts, rank) * gate[:, :, None]  # [T, E, r]
+            delta = h.reshape(x.shape[0], experts * rank) @ b.transpose(1, 2).reshape(experts * rank, -1)  # [T, out]
+        return (y.float() + scale * delta).to(y.dtype)
 
     def _ia3_scale(self, kind: str, slot: int, act: torch.Tensor) -> torch.Tensor:
         """sum_i g_i(act) l[slot, i] for the activations act [n, dim] it will rescale: [n, dim]."""
