@@ -59,6 +59,9 @@ class ForwardContext:
     prefill_block_tables: torch.Tensor | None = field(init=False, repr=False)
     # block size -> [sum(prefill_kv_lens)] int64 cache slots of the prefill rows' keys; see prefill_kv_slots.
     _prefill_kv_slots: dict[int, torch.Tensor] = field(init=False, repr=False, default_factory=dict)
+    # A cache for per-step values the adapted layers share (e.g. the slot remap of a set of adapters): made by the
+    # first layer that needs one, reused by the others.
+    step_cache: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.query_lens:

@@ -209,13 +209,17 @@ class AdaptedLinear(nn.Module):
         rank = max(self.rank[s] for s in lora_slots)
         if (len(lora_slots) + 1) * experts * rank >= lora_a.shape[0] * lora_a.shape[1] * lora_a.shape[2]:
             return lora_a, lora_b, scale, slots
-        device = lora_a.device
-        index = torch.tensor([0, *lora_slots], device=device)  # [P + 1]; host data
-        local = torch.zeros(self.num_slots + 1, dtype=torch.long)
-        local[lora_slots] = torch.arange(1, len(lora_slots) + 1)  # table slot -> its place in the cut
+        cache = get_forward_context().step_cache
+        key = ("lora_cut", tuple(lora_slots), lora_a.shape[0])
+        if key not in cache:  # the same for every layer of the step with these adapters
+            device = lora_a.device
+            local = torch.zeros(self.num_slots + 1, dtype=torch.long)
+            local[lora_slots] = torch.arange(1, len(lora_slots) + 1)  # table slot -> its place in the cut
+            cache[key] = torch.tensor([0, *lora_slots], device=device), local.to(device)[slots.long()]
+        index, local_slots = cache[key]  # [P + 1] host data, [T]
         return (
             lora_a.index_select(0, index)[:, :experts, :rank],  # [P + 1, E', r', in]
             lora_b.index_select(0, index)[:, :experts, :, :rank],  # [P + 1, E', out, r']
             scale.index_select(0, index),  # [P + 1]
-            local.to(device)[slots.long()],  # [T]
+            local_slots,
         )
