@@ -91,12 +91,14 @@ def _grouped(hidden, w13, w2, topk_weights, topk_ids, act) -> torch.Tensor:
     flat_ids = topk_ids.reshape(-1)  # [T*K]
     order = torch.argsort(flat_ids, stable=True)  # [T*K] assignments grouped by expert
     ends = torch.cumsum(torch.bincount(flat_ids, minlength=w13.shape[0]), 0).to(torch.int32)  # [R] end of each run
-    gate_up = F.grouped_mm(hidden[order // top_k], w13.transpose(1, 2), offs=ends)  # [T*K, 2I]
+    token_of = order // top_k  # [T*K] token of each sorted assignment
+    gate_up = F.grouped_mm(hidden[token_of], w13.transpose(1, 2), offs=ends)  # [T*K, 2I]
     h = act(gate_up[:, :inter]) * gate_up[:, inter:]  # [T*K, I]
     y_sorted = F.grouped_mm(h, w2.transpose(1, 2), offs=ends)  # [T*K, H]
-    y = torch.empty_like(y_sorted)
-    y[order] = y_sorted
-    return _combine(y.view(num_tokens, top_k, -1), topk_weights, hidden.dtype)
+    # Weighted and summed per token in fp32, rounded once.
+    weighted = y_sorted.float() * topk_weights.reshape(-1)[order, None].float()  # [T*K, H]
+    out = torch.zeros(num_tokens, weighted.shape[1], dtype=torch.float32, device=hidden.device)  # [T, H]
+    return out.index_add_(0, token_of, weighted).to(hidden.dtype)
 
 
 def _dense(hidden, w13, w2, topk_weights, topk_ids, act) -> torch.Tensor:
