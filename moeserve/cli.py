@@ -165,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, OSError) as exc:  # bad input: say what, without a traceback
+    except Exception as exc:  # bad input (a model or adapter the engine core refused at start): say what, no traceback
+        from moeserve.engine.core_process import CoreStartError
+
+        if not isinstance(exc, (ValueError, OSError, CoreStartError)):
+            raise
         print(f"moeserve {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -88,3 +88,12 @@ def test_killed_core_fails_streams_restarts_and_serves_the_same(served):
     assert h.get("/health").status_code == 200
     assert engine.proc.pid != old_pid and engine.restarts == 1
     assert {m: complete(h, m) for m in ("base", "esft", "late")} == before  # the loaded adapter came back too
+
+
+def test_serve_with_a_bad_adapter_fails_at_start_with_a_clear_error(tiny_dir, tmp_path, capsys):
+    from moeserve.cli import main
+
+    code = main(["serve", "--model", str(tiny_dir("llama")), "--adapter", f"x={tmp_path / 'missing'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "moeserve serve: error:" in err and "is not an adapter directory" in err
