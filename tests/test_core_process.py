@@ -97,3 +97,23 @@ def test_serve_with_a_bad_adapter_fails_at_start_with_a_clear_error(tiny_dir, tm
     assert code == 2
     err = capsys.readouterr().err
     assert "moeserve serve: error:" in err and "is not an adapter directory" in err
+
+
+def test_stop_string_found_in_the_front_end_ends_the_core_request(served):
+    server, app, h, _ = served
+    free = complete(h, "base", max_tokens=12)
+    at = next(i for i in range(3, len(free) - 1) if "\ufffd" not in free[i : i + 2])
+    stop = free[at : at + 2]  # a string from the middle of the free answer
+    r = h.post(
+        "/v1/completions",
+        json={"model": "base", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+              "stop": [stop]},  # fmt: skip
+    ).json()["choices"][0]
+    assert r["finish_reason"] == "stop" and r["stop_reason"] == stop
+    assert r["text"] == free[: free.index(stop)]
+    idle = 'vllm:num_requests_running{model_name="base"} 0.0'
+    deadline = time.monotonic() + 10  # the core dropped it: nothing left running, no KV blocks held
+    while idle not in h.get("/metrics").text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    metrics = h.get("/metrics").text
+    assert idle in metrics and 'vllm:kv_cache_usage_perc{model_name="base"} 0.0' in metrics
