@@ -132,28 +132,34 @@ def measure_bandwidth(device: str, gib: float = 1.0, repeats: int = 20) -> float
     return 2 * x.numel() * x.element_size() / statistics.median(times)
 
 
-def decode_steps(
-    model_dir: Path, batch: int, context: int, steps: int, dtype: str, device: str, eager: bool = False
-) -> list[float]:
-    """moeserve's engine: B requests with `context`-token prompts, prefilled, then `steps` timed decode steps."""
-    import random
-
+def decode_engine(model_dir: Path, max_batch: int, context: int, steps: int, dtype: str, device: str, eager: bool):
+    """One engine that holds max_batch requests of `context` + `steps` tokens (loaded once for every batch size)."""
     from moeserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
     from moeserve.engine.llm_engine import LLMEngine
-    from moeserve.engine.sampling_params import SamplingParams
 
     block = 16
     max_len = context + steps + 2
-    engine = LLMEngine(EngineConfig(
+    return LLMEngine(EngineConfig(
         model=str(model_dir), dtype=dtype, device=device, enforce_eager=eager,
-        cache=CacheConfig(block_size=block, num_blocks=batch * (-(-max_len // block) + 1) + 8),
-        scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=max(8192, context), max_model_len=max_len),
+        cache=CacheConfig(block_size=block, num_blocks=max_batch * (-(-max_len // block) + 1) + 8),
+        scheduler=SchedulerConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(8192, context),
+                                  max_model_len=max_len),
     ))  # fmt: skip
-    rng = random.Random(0)
+
+
+def decode_steps(engine, batch: int, context: int, steps: int, device: str) -> list[float]:
+    """B requests with `context`-token prompts, prefilled, then `steps` timed decode steps; the requests are aborted
+    afterwards, so the engine is empty again."""
+    import random
+
+    from moeserve.engine.sampling_params import SamplingParams
+
+    rng = random.Random(batch)
     vocab = engine.model.spec.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
-    for i in range(batch):
-        engine.add_request(str(i), [rng.randrange(len(SPECIALS), vocab) for _ in range(context)], params)
+    ids = [f"{batch}-{i}" for i in range(batch)]
+    for request_id in ids:
+        engine.add_request(request_id, [rng.randrange(len(SPECIALS), vocab) for _ in range(context)], params)
     started: set[str] = set()
     for _ in range(batch * 4 + 16):  # prefill (chunked by the token budget) until every request has a token
         started.update(o.request_id for o in engine.step())
@@ -168,9 +174,8 @@ def decode_steps(
         times.append(time.perf_counter() - t)
         if len(outputs) != batch:
             raise RuntimeError(f"a decode step served {len(outputs)} of {batch} sequences (preempted?)")
-    del engine
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    for request_id in ids:
+        engine.abort_request(request_id)
     return times
 
 
@@ -182,9 +187,10 @@ def run(args: argparse.Namespace) -> dict:
     bandwidth = measure_bandwidth(args.device, args.bandwidth_gib)
     rows = []
     for context in args.context:
+        engine = decode_engine(args.model_dir, max(args.batch), context, args.steps, args.dtype, args.device,
+                               args.enforce_eager)  # fmt: skip
         for batch in args.batch:
-            times = decode_steps(args.model_dir, batch, context, args.steps, args.dtype, args.device,
-                                 args.enforce_eager)  # fmt: skip
+            times = decode_steps(engine, batch, context, args.steps, args.device)
             measured = statistics.median(times)
             b = step_bytes(config, batch, context + args.steps / 2, dtype_bytes)
             roofline = (b.weights + b.kv) / bandwidth
@@ -193,6 +199,9 @@ def run(args: argparse.Namespace) -> dict:
                          "weights_gb": b.weights / 1e9, "kv_gb": b.kv / 1e9, "roofline_ms": 1000 * roofline,
                          "efficiency": roofline / measured, "tok_s": batch / measured})  # fmt: skip
             logger.info("B=%d C=%d: %.2f ms/step, roofline %.2f ms", batch, context, 1000 * measured, 1000 * roofline)
+        del engine
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     return {"model": str(args.model_dir), "layers": config.num_hidden_layers, "device": device_name,
             "enforce_eager": args.enforce_eager, "dtype": args.dtype, "bandwidth_gb_s": bandwidth / 1e9,

@@ -44,6 +44,7 @@ if [ "$MODE" = cpu ]; then
   export MOESERVE_KERNELS=torch  # compiled Triton needs a GPU; the interpreter is the CPU tests' business
 else
   DEVICE=cuda DTYPE=bfloat16 SHAPE=olmoe-1b-7b BATCHES="1 8 32 128" CONTEXT=${CONTEXT:-512} STEPS=32
+  LAYERS=${LAYERS:-8}  # half of OLMoE's 16 layers: the roofline ratio is per layer, and half the bytes to write
 fi
 MODEL=${ROOFLINE_DIR:-/tmp/${SHAPE}${LAYERS:+-$LAYERS}-rand}
 started=$(date +%s)
