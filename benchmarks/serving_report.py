@@ -183,18 +183,18 @@ def plot(report: dict, out_dir: Path, prefix: str = "serving") -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Re-renders a saved report: `python benchmarks/serving_report.py REPORT_JSON OUT_DIR [PREFIX]`."""
+    """Re-renders a saved report: its tables (printed) and plots (written to OUT_DIR)."""
+    import argparse
     import json
-    import sys
 
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) not in (2, 3):
-        print(main.__doc__, file=sys.stderr)
-        return 2
-    report = json.loads(Path(argv[0]).read_text())
-    out_dir = Path(argv[1])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report["plots"] = [str(p) for p in plot(report, out_dir, *argv[2:])]
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("report", type=Path, help="a report.json written by bench_serving.py")
+    parser.add_argument("out_dir", type=Path, help="where the plots go")
+    parser.add_argument("prefix", nargs="?", default=None, help="file name prefix of the plots")
+    args = parser.parse_args(argv)
+    report = json.loads(args.report.read_text())
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report["plots"] = [str(p) for p in plot(report, args.out_dir, *([args.prefix] if args.prefix else []))]
     print(markdown(report))
     return 0
 
