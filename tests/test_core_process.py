@@ -82,6 +82,8 @@ def test_killed_core_fails_streams_restarts_and_serves_the_same(served):
     assert len(errors) == 2 and all("engine core process died" in e for e in errors)
     assert events.count("[DONE]") == 2
 
+    # A request sent while the core restarts waits for it, then succeeds.
+    assert complete(h, "esft") == before["esft"]
     deadline = time.monotonic() + 120
     while h.get("/health").status_code != 200 and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from moeserve import __version__
 from moeserve.adapters import AdapterError
 from moeserve.adapters.manager import UnknownAdapterError
-from moeserve.server.async_engine import AsyncEngine
+from moeserve.server.async_engine import AsyncEngine, EngineDeadError
 from moeserve.server.errors import APIError, api_error_handler, error_response, validation_error_handler
 from moeserve.server.metrics import ServerMetrics
 from moeserve.server.protocol import (
@@ -93,6 +93,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.state.async_engine = engine
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+
+    async def engine_dead_handler(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_response(503, str(exc))  # the core is down or restarting: try again shortly
+
+    app.add_exception_handler(EngineDeadError, engine_dead_handler)
 
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
