@@ -38,7 +38,7 @@ class CoreInfo:
 
 
 # The calls the front end may make on the core between steps (adapter management and stats).
-CALLS = ("register_adapter", "unregister_adapter", "list_adapters", "stats", "has_unfinished_requests")
+CALLS = ("register_adapter", "unregister_adapter", "list_adapters", "stats")
 
 
 class _CoreServer:
@@ -57,9 +57,6 @@ class _CoreServer:
 
     def stats(self):
         return self.core.stats()
-
-    def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests()
 
     def handle(self, message: tuple) -> bool:
         """Applies one message; False on shutdown."""

@@ -15,7 +15,6 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +43,6 @@ class EngineDeadError(RuntimeError):
 _ERROR_KINDS: dict[str, type[Exception]] = {"UnknownAdapterError": UnknownAdapterError}
 
 
-@dataclass
-class _Stream:
-    queue: asyncio.Queue
-    adapter: str | None
-
-
 class AsyncEngine:
     def __init__(
         self,
@@ -68,7 +61,7 @@ class AsyncEngine:
         self.stats = SchedulerStats()
         self.on_step: Callable[[list[RequestOutput], SchedulerStats], None] | None = None  # metrics hook
         self.restarts = 0
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, asyncio.Queue] = {}  # request id -> its outputs, as they come
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,7 +120,7 @@ class AsyncEngine:
                 self.outputs.abort(out.request_id)
                 stream = self._streams.pop(out.request_id, None)
                 if stream is not None:
-                    stream.queue.put_nowait(_ERROR_KINDS.get(out.error_kind or "", ValueError)(out.error))
+                    stream.put_nowait(_ERROR_KINDS.get(out.error_kind or "", ValueError)(out.error))
         results, stopped = self.outputs.process(step.outputs, time.monotonic())
         if stopped:
             self._send(("abort", stopped))
@@ -141,7 +134,7 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            stream.queue.put_nowait(out)
+            stream.put_nowait(out)
 
     def _on_core_death(self) -> None:
         self._loop.remove_reader(self.conn.fileno())
@@ -151,7 +144,7 @@ class AsyncEngine:
         self._ready.clear()
         for request_id, stream in self._streams.items():
             self.outputs.abort(request_id)
-            stream.queue.put_nowait(EngineDeadError(f"{reason}; the request was lost and the core is restarting"))
+            stream.put_nowait(EngineDeadError(f"{reason}; the request was lost and the core is restarting"))
         self._streams.clear()
         for fut in self._calls.values():
             if not fut.done():
@@ -237,14 +230,14 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = self.inputs.process(request_id, prompt, params, adapter)
-        stream = _Stream(asyncio.Queue(), adapter)
+        stream: asyncio.Queue = asyncio.Queue()
         self._send(("add", request))
         self._streams[request_id] = stream
         self.outputs.add(request, prompt if isinstance(prompt, str) else None, index)
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -264,8 +257,8 @@ class AsyncEngine:
         deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for request_id, stream in list(self._streams.items()):
-            stream.queue.put_nowait(EngineDeadError("the server is shutting down"))
+        for stream in self._streams.values():
+            stream.put_nowait(EngineDeadError("the server is shutting down"))
         self._streams.clear()
 
     def shutdown(self) -> None:
