@@ -57,10 +57,8 @@ class ForwardContext:
     prefill_kv_lens: list[int] = field(init=False, repr=False)
     # [Bp, max_blocks] int32: block_tables of the prefill rows; None = no cache.
     prefill_block_tables: torch.Tensor | None = field(init=False, repr=False)
-    # block size -> [sum(prefill_kv_lens)] int64 cache slots of the prefill rows' keys; see prefill_kv_slots.
-    _prefill_kv_slots: dict[int, torch.Tensor] = field(init=False, repr=False, default_factory=dict)
-    # A cache for per-step values the adapted layers share (e.g. the slot remap of a set of adapters): made by the
-    # first layer that needs one, reused by the others.
+    # Per-step values every layer would compute alike (the prefill rows' cache slots, the slot remap of a set of
+    # adapters): made by the first layer that needs one, reused by the others.
     step_cache: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -101,9 +99,10 @@ class ForwardContext:
         """
         if self.prefill_block_tables is None:
             raise ValueError("prefill_kv_slots needs a KV cache (block_tables)")
-        if block_size not in self._prefill_kv_slots:
-            self._prefill_kv_slots[block_size] = kv_slots(self.prefill_block_tables, self.prefill_kv_lens, block_size)
-        return self._prefill_kv_slots[block_size]
+        key = ("prefill_kv_slots", block_size)
+        if key not in self.step_cache:
+            self.step_cache[key] = kv_slots(self.prefill_block_tables, self.prefill_kv_lens, block_size)
+        return self.step_cache[key]
 
     def token_groups(self) -> dict[int, torch.Tensor]:
         """adapter_groups; derived from adapter_slot (with a host sync) where the caller did not build them."""

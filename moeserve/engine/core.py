@@ -41,7 +41,7 @@ def eos_token_ids(model_dir: Path, tokenizer) -> frozenset[int]:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, tokenizer=None) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
         model_dir = Path(config.model)
         if not (model_dir / "config.json").is_file():
@@ -49,7 +49,7 @@ class EngineCore:
         self.device = torch.device(config.device)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)  # for the EOS ids; LLMEngine reuses it
         self.model = load_model(model_dir, config.torch_dtype, self.device)
         spec = self.model.spec
         cache, sched = config.cache, config.scheduler

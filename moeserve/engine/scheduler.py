@@ -155,8 +155,6 @@ class Scheduler:
         for request_id, token, logprobs in zip(result.request_ids, result.sampled_token_ids, result.logprobs):
             seq = self.requests[request_id]
             seq.append_token(token)
-            if logprobs is not None:
-                seq.logprobs.append(logprobs)
             params = seq.params
             reason, stop_token = None, None
             if token in params.stop_token_ids:

@@ -46,12 +46,10 @@ class Sequence:
     # only on the tokens and the adapter, so they stay valid when the sequence is preempted and its blocks freed.
     block_hashes: list[Hashable] = field(default_factory=list)
     num_prefix_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
     first_scheduled_time: float | None = None
-    first_token_time: float | None = None
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:
@@ -87,5 +85,3 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
-        if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
