@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -69,6 +70,16 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_list(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError("expected a JSON list of strings, e.g. '[\"*\"]'")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     from moeserve.engine.arg_utils import engine_config_from_args
     from moeserve.server.app import ServerConfig
@@ -83,6 +94,10 @@ def _serve(args: argparse.Namespace) -> int:
         enable_adapter_loading=args.enable_adapter_loading,
         allowed_adapter_dirs=list(args.allowed_adapter_dir),
         shutdown_timeout=args.shutdown_timeout,
+        allowed_origins=args.allowed_origins,
+        allowed_methods=args.allowed_methods,
+        allowed_headers=args.allowed_headers,
+        allow_credentials=args.allow_credentials,
     )
     app = build_server(engine_config_from_args(str(model), args), config, adapters, args.max_waiting)
     serve(app, args.host, args.port, args.log_level)
@@ -147,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--max-waiting", type=int, default=None, help="refuse requests (429) beyond this many waiting")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get on shutdown")
+    for flag, what in (("origins", "origins"), ("methods", "HTTP methods"), ("headers", "request headers")):
+        srv.add_argument(
+            f"--allowed-{flag}",
+            type=_json_list,
+            default=["*"],
+            help=f"CORS: allowed {what}, a JSON list as vLLM takes it (default: '[\"*\"]')",
+        )
+    srv.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
 

@@ -132,4 +132,7 @@ class EngineCore:
             resident_adapters=len(manager.resident()),
             adapter_loads=manager.stats.loads,
             adapter_evictions=manager.stats.evictions,
+            prefix_cache_queries=sched.prefix_cache_queries,
+            prefix_cache_hits=sched.prefix_cache_hits,
+            num_preemptions=sched.num_preemptions,
         )

@@ -54,6 +54,9 @@ class SchedulerStats:
     resident_adapters: int = 0
     adapter_loads: int = 0  # cumulative
     adapter_evictions: int = 0  # cumulative
+    prefix_cache_queries: int = 0  # cumulative: prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # cumulative: of those, tokens found there
+    num_preemptions: int = 0  # cumulative
 
 
 @dataclass

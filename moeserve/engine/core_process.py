@@ -35,6 +35,7 @@ class CoreInfo:
     max_model_len: int
     vocab_size: int
     pid: int
+    num_blocks: int = 0  # KV-cache blocks (for vllm:cache_config_info)
 
 
 # The calls the front end may make on the core between steps (adapter management and stats).
@@ -108,7 +109,9 @@ def run_engine_core(config: EngineConfig, adapters: list[tuple[str, str]], conn:
     except Exception as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    info = CoreInfo(core.max_model_len, core.model.spec.vocab_size, multiprocessing.current_process().pid)
+    info = CoreInfo(
+        core.max_model_len, core.model.spec.vocab_size, multiprocessing.current_process().pid, core.kv.pool.num_blocks
+    )
     conn.send(("ready", info))
     try:
         _CoreServer(core, conn).run()

@@ -1,8 +1,8 @@
 """Chooses each sequence's next token from its logits, under that sequence's own sampling parameters.
 
-Order, as vLLM applies it: repetition, presence and frequency penalties; then greedy argmax (temperature 0, or
-below 1e-5, where dividing by it would overflow), or temperature, top-k, top-p, min-p and a draw from the remaining
-distribution (with the request's own generator when it has a seed).
+Order, as vLLM applies it: repetition, presence and frequency penalties; logit bias; then greedy argmax (temperature
+0, or below 1e-5, where dividing by it would overflow), or temperature, top-k, top-p, min-p and a draw from the
+remaining distribution (with the request's own generator when it has a seed).
 Log-probabilities are those of the model's raw distribution (log_softmax of the logits), as vLLM returns them.
 
 Every step works on the whole batch at once; Python only walks the rows to read their parameters. The draw is the
@@ -71,6 +71,23 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Adds each row's logit_bias (token id -> bias) to logits [n, V] in place, in one scatter over all rows."""
+    rows = [i for i, seq in enumerate(seqs) if seq.params.logit_bias]
+    if not rows:
+        return logits
+    row_ids, token_ids, biases = [], [], []
+    for i in rows:
+        bias = seqs[i].params.logit_bias
+        row_ids += [i] * len(bias)
+        token_ids += bias.keys()
+        biases += bias.values()
+    dev = logits.device
+    at = (torch.tensor(row_ids, device=dev), torch.tensor(token_ids, device=dev))  # [b] each
+    logits.index_put_(at, torch.tensor(biases, device=dev, dtype=logits.dtype), accumulate=True)
+    return logits
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Sets to -inf what top-k [n], top-p [n] and min-p [n] exclude from logits [n, V] (top_k 0 = off)."""
     vocab = logits.shape[-1]
@@ -136,7 +153,7 @@ class Sampler:
         n = logits.shape[0]
         lp_rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
         raw_logprobs = _rows(logits, lp_rows).log_softmax(dim=-1) if lp_rows else None  # [r, V]
-        logits = apply_penalties(logits.clone(), seqs)
+        logits = apply_logit_bias(apply_penalties(logits.clone(), seqs), seqs)
         tokens = logits.argmax(dim=-1)  # [n]: final for greedy rows
         rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
         if rows:

@@ -74,6 +74,11 @@ class Scheduler:
         self.requests: dict[str, Sequence] = {}  # every unfinished sequence, by request id
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Cumulative counts for /metrics: prompt tokens looked up in the prefix cache and found there (per
+        # admission, recomputations after preemption included, as vLLM counts them), and preemptions.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -120,12 +125,15 @@ class Scheduler:
                     continue
                 seq.adapter_slot = slot
                 busy.add(slot)
-            self.kv.use_cached_prefix(seq)
+            cached = self.kv.use_cached_prefix(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.allocate(seq, seq.num_computed_tokens + num_new):
                 self.kv.free(seq)  # give back the prefix blocks it took; it retries next step
                 break
             self.waiting.popleft()
+            if self.kv.enable_prefix_caching:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += cached
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
@@ -139,6 +147,7 @@ class Scheduler:
         self.kv.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -26,13 +27,19 @@ from moeserve.server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     LoadAdapterRequest,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     UnloadAdapterRequest,
 )
 from moeserve.server.serving import OpenAIServing
+from moeserve.server.serving_tokenization import TokenizationServing
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,11 @@ class ServerConfig:
     enable_adapter_loading: bool = False  # the load/unload routes (vLLM's --enable-lora runtime updating)
     allowed_adapter_dirs: list[Path] = field(default_factory=list)  # load_lora_adapter paths must be inside one
     shutdown_timeout: float = 30.0  # seconds running requests get to finish on shutdown
+    # CORS, as vLLM's --allowed-origins / --allowed-methods / --allowed-headers (and its defaults: any).
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
     def allowed_path(self, raw: str) -> Path:
         """The adapter path, resolved, if it lies inside an allowed directory; 400 otherwise."""
@@ -78,7 +90,10 @@ class APIKeyMiddleware:
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(config.served_model_name)
     serving = OpenAIServing(engine, config.served_model_name)
+    tokenization = TokenizationServing(serving)
     engine.on_step = metrics.observe_step
+    cache = engine.config.cache
+    metrics.set_cache_config(cache.block_size, engine.info.num_blocks, cache.enable_prefix_caching)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -101,6 +116,15 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    # Added last, so it is the outermost layer: a browser's preflight (OPTIONS) is answered here, before the key
+    # check (browsers send no credentials with it), and every answer, a 401 included, carries the CORS headers.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=config.allowed_origins,
+        allow_methods=config.allowed_methods,
+        allow_headers=config.allowed_headers,
+        allow_credentials=config.allow_credentials,
+    )
 
     async def with_disconnect_abort(request: Request, work):
         """Runs a non-streaming handler; a client that goes away cancels it, which aborts its engine requests."""
@@ -159,6 +183,20 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             raise APIError(404, str(exc).strip("'\""), "lora_name") from exc
         logger.info("unloaded adapter %s", req.lora_name)
         return Response(f"Success: adapter {req.lora_name} removed", media_type="text/plain")
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+    async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        return tokenization.tokenize(req)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+    async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
+        return tokenization.detokenize(req)
+
+    @app.get("/ping")
+    @app.post("/ping")
+    async def ping() -> Response:
+        """SageMaker's liveness probe, as vLLM serves it: /health under another name."""
+        return await health()
 
     @app.get("/health")
     async def health() -> Response:

@@ -67,10 +67,29 @@ class ServerMetrics:
         self.adapter_evictions = Counter(
             "moeserve:adapter_evictions", "Adapters evicted from device slots.", labels, registry=r
         )
+        self.cache_config_info = Gauge(
+            "vllm:cache_config_info",
+            "Information of the KV-cache configuration (labels); value: 1.",
+            ["block_size", "num_gpu_blocks", "enable_prefix_caching"],
+            registry=r,
+        )
+        self.prefix_cache_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels, registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels, registry=r
+        )
+        self.num_preemptions = Counter(
+            "vllm:num_preemptions", "Sequences preempted (KV blocks freed, to be recomputed).", labels, registry=r
+        )
+        self._seen = {"queries": 0, "hits": 0, "preemptions": 0}
         self._last_token_time: dict[str, float] = {}
         self._lora_labels: tuple[str, str, str] | None = None
         self._seen_loads = self._seen_evictions = 0
         self._lock = threading.Lock()  # several servers' threads may share the process (tests)
+
+    def set_cache_config(self, block_size: int, num_blocks: int, enable_prefix_caching: bool) -> None:
+        self.cache_config_info.labels(str(block_size), str(num_blocks), str(enable_prefix_caching)).set(1)
 
     def observe_step(self, outputs: list[RequestOutput], stats: SchedulerStats) -> None:
         """Called after each engine step with its outputs and the core's stats (by /metrics with no outputs)."""
@@ -102,6 +121,18 @@ class ServerMetrics:
                 self.request_success.labels(m, out.outputs[0].finish_reason or "unknown").inc()
                 self.e2e.labels(m).observe(now - arrival)
         self._observe_adapters(stats)
+        self._observe_counts(stats)
+
+    def _observe_counts(self, stats: SchedulerStats) -> None:
+        """The core's cumulative counts as counter increments (a restarted core counts from 0 again)."""
+        m = self.model_name
+        for key, counter, value in (
+            ("queries", self.prefix_cache_queries, stats.prefix_cache_queries),
+            ("hits", self.prefix_cache_hits, stats.prefix_cache_hits),
+            ("preemptions", self.num_preemptions, stats.num_preemptions),
+        ):
+            counter.labels(m).inc(value - self._seen[key] if value >= self._seen[key] else value)
+            self._seen[key] = value
 
     def _observe_adapters(self, stats: SchedulerStats) -> None:
         m = self.model_name

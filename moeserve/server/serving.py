@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from moeserve.adapters.manager import UnknownAdapterError
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.sequence import TokenLogprobs
+from moeserve.server import unsupported
 from moeserve.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from moeserve.server.errors import APIError
 from moeserve.server.protocol import (
@@ -30,6 +32,8 @@ from moeserve.server.protocol import (
     UsageInfo,
 )
 
+logger = logging.getLogger(__name__)
+
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, served_model_name: str) -> None:
@@ -39,19 +43,33 @@ class OpenAIServing:
 
     # --- shared ---
 
-    def resolve_adapter(self, model: str) -> str | None:
-        """The adapter a request's `model` field names (None: the base model); 404 for an unknown name."""
-        if model == self.model_name:
+    def resolve_adapter(self, model: str | None) -> str | None:
+        """The adapter a request's `model` field names (None: the base model, also when `model` is omitted); 404
+        for an unknown name."""
+        if model is None or model == self.model_name:
             return None
         if self.engine.is_registered(model):
             return model
         raise APIError(404, f"the model {model!r} does not exist", "model")
 
+    def _check_fields(self, req, table) -> None:
+        """400 naming the first field set to something we cannot honour; logs who the request is for."""
+        refused = unsupported.refused_field(req, table)
+        if refused is not None:
+            name, why = refused
+            raise APIError(400, f"{name}: {why}", name)
+        who = req.user or getattr(req, "safety_identifier", None)
+        if who:
+            logger.info("request for model %s from user %s", req.model or self.model_name, who)
+
     def _params(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         try:
-            return req.sampling_params(max_tokens, logprobs)
+            params = req.sampling_params(max_tokens, logprobs)
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
+        if params.logit_bias:
+            self.check_token_ids(list(params.logit_bias), self.engine.inputs.vocab_size, "logit_bias")
+        return params
 
     async def _stream_choices(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, adapter: str | None
@@ -112,8 +130,7 @@ class OpenAIServing:
         return list(p)  # type: ignore[arg-type]
 
     def _check_completion(self, req: CompletionRequest) -> None:
-        if req.suffix:
-            raise APIError(400, "suffix is not supported", "suffix")
+        self._check_fields(req, unsupported.COMPLETION)
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of other than n is not supported", "best_of")
 
@@ -151,7 +168,7 @@ class OpenAIServing:
                 usage.completion_tokens += len(c.token_ids)
             usage.prompt_tokens += len(finals[(p_index, 0)].prompt_token_ids)
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        return CompletionResponse(id=request_id, model=req.model, choices=choices, usage=usage)
+        return CompletionResponse(id=request_id, model=req.model or self.model_name, choices=choices, usage=usage)
 
     def _completion_logprobs(self, logprobs: list[TokenLogprobs] | None, offset: int = 0) -> CompletionLogprobs:
         result = CompletionLogprobs()
@@ -201,7 +218,7 @@ class OpenAIServing:
                     "id": request_id,
                     "object": "text_completion",
                     "created": created,
-                    "model": req.model,
+                    "model": req.model or self.model_name,
                     "choices": [choice],
                 }
             if out.finished:
@@ -213,30 +230,39 @@ class OpenAIServing:
                 "id": request_id,
                 "object": "text_completion",
                 "created": created,
-                "model": req.model,
+                "model": req.model or self.model_name,
                 "choices": [],
                 "usage": usage.model_dump(),
             }
 
     # --- /v1/chat/completions ---
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        if req.tools:
-            raise APIError(400, "tools are not supported", "tools")
-        messages = []
-        for m in req.messages:
+    def render_chat(self, messages, add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+        """The messages through the chat template, as text; 400 for messages the template cannot render."""
+        rendered = []
+        for m in messages:
             content = m.content
             if isinstance(content, list):
                 if any(part.type != "text" for part in content):
                     raise APIError(400, "only text content parts are supported", "messages")
                 content = "".join(part.text or "" for part in content)
-            messages.append({"role": m.role, "content": content or ""})
+            rendered.append({"role": m.role, "content": content or ""})
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=req.add_generation_prompt
+            return self.tokenizer.apply_chat_template(
+                rendered, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # jinja errors: the template rejected these messages
             raise APIError(400, f"the chat template cannot render these messages: {exc}", "messages") from exc
+
+    @staticmethod
+    def check_token_ids(token_ids: list[int], vocab: int, field: str) -> None:
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise APIError(400, f"{field}: token ids must be in [0, {vocab})", field)
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        if req.tools:
+            raise APIError(400, "tools are not supported", "tools")
+        text = self.render_chat(req.messages, req.add_generation_prompt)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _chat_logprobs(self, logprobs: list[TokenLogprobs] | None) -> ChatLogprobs:
@@ -253,6 +279,7 @@ class OpenAIServing:
         return ChatLogprobs(content=content)
 
     def _chat_setup(self, req: ChatCompletionRequest):
+        self._check_fields(req, unsupported.CHAT)
         adapter = self.resolve_adapter(req.model)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, req.max_completion_tokens or req.max_tokens, logprobs)
@@ -281,7 +308,7 @@ class OpenAIServing:
         usage = UsageInfo(
             prompt_tokens=len(prompt), completion_tokens=completion_tokens, total_tokens=len(prompt) + completion_tokens
         )
-        return ChatCompletionResponse(id=request_id, model=req.model, choices=choices, usage=usage)
+        return ChatCompletionResponse(id=request_id, model=req.model or self.model_name, choices=choices, usage=usage)
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
         adapter, params, prompt = self._chat_setup(req)
@@ -297,7 +324,7 @@ class OpenAIServing:
                 "id": request_id,
                 "object": "chat.completion.chunk",
                 "created": created,
-                "model": req.model,
+                "model": req.model or self.model_name,
                 "choices": choices,
             }
             if usage is not None:
