@@ -118,7 +118,7 @@ def _gather(x, lora_a, lora_b, slot, topk_ids, weights) -> torch.Tensor:
         slots, experts = slot[rows, None], topk_ids[rows].long()  # [n, 1], [n, K]
         n = experts.shape[0]
         a = lora_a[slots, experts].float().view(n, top_k * rank, d_in)  # [n, K*r, Din]
-        b = lora_b[slots, experts].float().view(n * top_k, d_out, rank)  # [n*K, Dout, r]
+        b = lora_b[slots, experts].float().reshape(n * top_k, d_out, rank)  # [n*K, Dout, r]
         h = torch.bmm(a, x[rows].float()[:, :, None]).view(n, top_k, rank) * weights[rows, :, None]  # [n, K, r]
         y = torch.bmm(b, h.view(n * top_k, rank, 1)).view(n, top_k, d_out)  # [n, K, Dout]
         delta[rows] = y.sum(dim=1)

@@ -3,20 +3,23 @@ tables grow to the largest rank and expert count loaded without disturbing what 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from moeserve.adapters import lora_slots
 from moeserve.adapters.lora_slots import AdaptedLinear
 from moeserve.adapters.weights import ModuleWeights
 from moeserve.forward_context import ForwardContext, forward_context
 
 
-def lora(g, experts, rank, din=12, dout=10, router=False, top_k=None):
+def lora(g, experts, rank, din=12, dout=10, router=False, top_k=None, renormalize=False):
     return ModuleWeights(
         lora_a=torch.randn(experts, rank, din, generator=g),
         lora_b=torch.randn(experts, dout, rank, generator=g),
         router=torch.randn(experts, din, generator=g) if router else None,
         top_k=top_k,
+        renormalize=renormalize,
         scale=0.5,
     )
 
@@ -29,7 +32,8 @@ def reference(base: nn.Linear, w: ModuleWeights, x: torch.Tensor) -> torch.Tenso
     probs = (x @ w.router.t()).softmax(dim=-1)  # [n, E]
     if w.top_k is not None:
         top = probs.topk(w.top_k, dim=-1)
-        probs = torch.zeros_like(probs).scatter(1, top.indices, top.values)
+        values = top.values / top.values.sum(-1, keepdim=True) if w.renormalize else top.values
+        probs = torch.zeros_like(probs).scatter(1, top.indices, values)
     deltas = torch.einsum("ni,eri,eor->neo", x, w.lora_a, w.lora_b)  # [n, E, out]
     return y + w.scale * (probs[:, :, None] * deltas).sum(1)
 
@@ -41,11 +45,15 @@ def run(layer: AdaptedLinear, x: torch.Tensor, slots: list[int]) -> torch.Tensor
         return layer(x)
 
 
-def test_tables_grow_and_every_slot_keeps_its_own_adapter():
+@pytest.mark.parametrize("padded", [True, False], ids=["slot-batched", "per-token"])
+def test_tables_grow_and_every_slot_keeps_its_own_adapter(padded, monkeypatch):
+    # Both CPU paths of a mixed step: each adapter's tokens padded into batched matmuls, or moe_lora per token.
+    monkeypatch.setattr(lora_slots, "worth_padding", lambda counts: padded)
     g = torch.Generator().manual_seed(0)
     base = nn.Linear(12, 10)
     layer = AdaptedLinear(base, num_slots=3, max_rank=16, max_experts=8)
-    adapters = {1: lora(g, 1, 2), 2: lora(g, 4, 6, router=True, top_k=2), 3: lora(g, 3, 4, router=True)}
+    adapters = {1: lora(g, 1, 2), 2: lora(g, 4, 6, router=True, top_k=2, renormalize=True),
+                3: lora(g, 3, 4, router=True)}
     x = torch.randn(9, 12, generator=g)
     slots = [0, 1, 2, 3, 1, 0, 3, 2, 1]
     layer.load(1, adapters[1])
@@ -53,7 +61,7 @@ def test_tables_grow_and_every_slot_keeps_its_own_adapter():
     first = run(layer, x, [s if s == 1 else 0 for s in slots])
     layer.load(2, adapters[2])
     layer.load(3, adapters[3])
-    assert layer.tables["lora_a"].shape == (4, 4, 6, 12) and layer.tables["lora_b"].shape == (4, 4, 10, 6)
+    assert layer.tables["lora_a"].shape == (4, 4, 6, 12) and layer.tables["lora_b"].shape == (4, 4, 6, 10)  # B^T
     got = run(layer, x, slots)
     torch.testing.assert_close(got[[1, 4, 8]], first[[1, 4, 8]])  # slot 1 unchanged by the growth
     # A step with fewer adapters than resident runs on tables cut to them (their slots, experts, rank): same answer.

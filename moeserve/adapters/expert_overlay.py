@@ -4,10 +4,13 @@ The layer's expert tables grow from E base rows to E + R rows; the R overlay row
 ESFT adapters. `remap[slot, e]` says which row expert e means for tokens of that adapter slot: identity for slot 0
 (the base model) and for experts an adapter did not fine-tune. After the frozen router's top-k, each token's expert
 ids go through its slot's row of the remap, and the same grouped expert computation runs: no per-adapter pass, and
-the FLOPs of the base model.
+the FLOPs of the base model. Rows are handed out lowest first and the computation sees the tables only up to the
+highest row in use, so free rows cost nothing (the CPU twin's grouped GEMM pays per row, empty or not).
 """
 
 from __future__ import annotations
+
+import heapq
 
 import torch
 from torch import nn
@@ -33,28 +36,39 @@ class ExpertOverlay(nn.Module):
         self.register_buffer("w2", w2, persistent=False)
         identity = torch.arange(self.num_experts, device=w13.device)
         self.register_buffer("remap", identity.repeat(num_slots + 1, 1), persistent=False)  # [S + 1, E]
-        self._free_rows = list(range(self.num_experts, self.num_experts + num_rows))
+        self._free_rows = list(range(self.num_experts, self.num_experts + num_rows))  # a heap: lowest row first
         self._rows_of_slot: dict[int, list[int]] = {}
         self.active = False  # any slot overlays an expert: only then do tokens go through the remap
+        self._rows_in_use = self.num_experts  # 1 + the highest row in use
 
     @property
     def num_free_rows(self) -> int:
         return len(self._free_rows)
 
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [E + R', 2I, H], w2 [E + R', H, I]): the base rows and the overlay rows up to the highest in use."""
+        return self.w13[: self._rows_in_use], self.w2[: self._rows_in_use]
+
+    def _update_rows_in_use(self) -> None:
+        self._rows_in_use = max((max(r) + 1 for r in self._rows_of_slot.values() if r), default=self.num_experts)
+
     def load(self, slot: int, experts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Places expert e's weights (w13 [2I, H], w2 [H, I]) for tokens of `slot`; the caller checked the room."""
         if len(experts) > len(self._free_rows):
             raise RuntimeError(f"{len(experts)} overlay rows needed, {len(self._free_rows)} free")
-        rows = [self._free_rows.pop() for _ in experts]
+        rows = [heapq.heappop(self._free_rows) for _ in experts]
         for row, (expert, (w13, w2)) in zip(rows, experts.items()):
             self.w13[row] = w13.to(self.w13.dtype)
             self.w2[row] = w2.to(self.w2.dtype)
             self.remap[slot, expert] = row
         self._rows_of_slot[slot] = rows
+        self._update_rows_in_use()
         self.active = True
 
     def unload(self, slot: int) -> None:
-        self._free_rows.extend(self._rows_of_slot.pop(slot, []))
+        for row in self._rows_of_slot.pop(slot, []):
+            heapq.heappush(self._free_rows, row)
+        self._update_rows_in_use()
         self.remap[slot] = torch.arange(self.num_experts, device=self.remap.device)
         self.active = bool(self._rows_of_slot)
 

@@ -1,8 +1,9 @@
 """LoRA and LoRA-expert adapters served as deltas on one linear layer, for every adapter slot at once.
 
 A wrapped linear keeps the frozen base layer and stacked per-slot tables, allocated on the first adapter that
-targets it: LoRA experts `A [S+1, E, r, in]`, `B [S+1, E, out, r]` with their router `[S+1, E, in]`, and IA3
-vectors (MoV) `[S+1, E, dim]` with theirs. Slot 0 is the base model and stays empty. Adapters of smaller rank or
+targets it: LoRA experts `A [S+1, E, r, in]`, `B [S+1, E, out, r]` (stored as `[S+1, E, r, out]`, so the CPU
+twin's matmul with all of B is a view) with their router `[S+1, E, in]`, and IA3 vectors (MoV) `[S+1, E, dim]`
+with theirs. Slot 0 is the base model and stays empty. Adapters of smaller rank or
 fewer experts are zero-padded (a padded expert is never routed to), so ranks and expert counts coexist in one table.
 
     y = W x + sum_k g_k(x) * scale * B[slot, k] (A[slot, k] x)      LoRA experts (plain LoRA: one expert, g = 1)
@@ -20,8 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moeserve.adapters.slot_batched_lora import SlotPadding, SlotTables, slot_batched_lora, worth_padding
 from moeserve.adapters.weights import ModuleWeights
 from moeserve.forward_context import get_forward_context
+from moeserve.kernels.backend import use_triton
 from moeserve.kernels.moe_lora import moe_lora
 
 
@@ -57,6 +60,9 @@ class AdaptedLinear(nn.Module):
         self.routing: list[_SlotRouting | None] = [None] * (num_slots + 1)
         self.tables: dict[str, torch.Tensor] = {}
         self.rank = [0] * (num_slots + 1)  # per slot: its LoRA rank (0: none)
+        # The LoRA tables cut to the adapters of the latest step, per kind of cut: kind -> (slots, contiguous copies);
+        # emptied by every load and unload. Steps in a row mostly serve the same adapters: a cut is made once.
+        self._cuts: dict[str, tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | SlotTables]] = {}
 
     @property
     def in_features(self) -> int:
@@ -96,7 +102,7 @@ class AdaptedLinear(nn.Module):
             if rank > self.max_rank:
                 raise ValueError(f"rank {rank} exceeds the configured maximum of {self.max_rank}")
             self._table("lora_a", num, rank, din)[slot, :num, :rank] = w.lora_a
-            self._table("lora_b", num, dout, rank)[slot, :num, :, :rank] = w.lora_b
+            self._table("lora_b", num, rank, dout)[slot, :num, :rank] = w.lora_b.transpose(1, 2)  # [E, r, out]
             self._table("lora_scale")[slot] = w.scale
             self._table("lora_plain")[slot] = float(w.router is None)
             self.rank[slot] = rank
@@ -115,6 +121,7 @@ class AdaptedLinear(nn.Module):
         """Empties the slot (zeroed, so a padded read of it can never leak an old adapter)."""
         for table in self.tables.values():
             table[slot].zero_()
+        self._cuts.clear()
         self.kind[slot] = None
         self.routing[slot] = None
         self.rank[slot] = 0
@@ -138,35 +145,30 @@ class AdaptedLinear(nn.Module):
         else:
             x_in = x
         y = self.base(x_in)  # [T, out]
-        if by_kind["lora"]:
-            self._add_lora(x, y, slots, by_kind["lora"], groups)
+        lora_slots = by_kind["lora"]
+        if lora_slots and not use_triton(x) and worth_padding([groups[s].shape[0] for s in lora_slots]):
+            key = ("slot_padding", tuple(lora_slots))
+            step_cache = ctx.step_cache
+            if key not in step_cache:  # the same for every layer of the step
+                step_cache[key] = SlotPadding.of([groups[s] for s in lora_slots])
+            slot_batched_lora(x, self._slot_tables(lora_slots), step_cache[key], y)
+        elif lora_slots:
+            self._add_lora(x, y, slots, lora_slots, groups)
         for s in by_kind["ia3_out"]:
             y[groups[s]] = y[groups[s]] * self._ia3_scale("ia3_out", s, y[groups[s]])
         return y
 
     def _one_adapter(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        """The step where all T tokens belong to `slot`: the same result as the per-slot path, straight from that
-        slot's tables (a plain LoRA is two small matmuls), in fp32 and rounded once like moe_lora."""
-        kind, routing = self.kind[slot], self.routing[slot]
+        """The step where all T tokens belong to `slot`: the same result as the per-slot path, with no per-token
+        routing or padding (a plain LoRA is two small matmuls), in fp32 and rounded once like moe_lora."""
+        kind = self.kind[slot]
         if kind == "ia3_in":
             return self.base(x * self._ia3_scale("ia3_in", slot, x))
         y = self.base(x)  # [T, out]
         if kind == "ia3_out":
             return y * self._ia3_scale("ia3_out", slot, y)
-        experts, rank = routing.num_experts, self.rank[slot]
-        a = self.tables["lora_a"][slot, :experts, :rank].float()  # [E, r, in]
-        b = self.tables["lora_b"][slot, :experts, :, :rank].float()  # [E, out, r]
-        scale = self.tables["lora_scale"][slot].float()
-        xf = x.float()
-        if not routing.has_router:
-            delta = (xf @ a[0].t()) @ b[0].t()  # [T, out]
-        else:
-            ids, weights = _route(x, self.tables["lora_router"][slot], routing)  # [T, K]
-            gate = torch.zeros(x.shape[0], experts, dtype=torch.float32, device=x.device)  # [T, E]
-            gate.scatter_(1, ids, weights.float())
-            h = (xf @ a.reshape(experts * rank, -1).t()).view(x.shape[0], experts, rank) * gate[:, :, None]  # [T, E, r]
-            delta = h.reshape(x.shape[0], experts * rank) @ b.transpose(1, 2).reshape(experts * rank, -1)  # [T, out]
-        return (y.float() + scale * delta).to(y.dtype)
+        slot_batched_lora(x, self._slot_tables([slot], "one"), SlotPadding.whole(), y)
+        return y
 
     def _ia3_scale(self, kind: str, slot: int, act: torch.Tensor) -> torch.Tensor:
         """sum_i g_i(act) l[slot, i] for the activations act [n, dim] it will rescale: [n, dim]."""
@@ -199,27 +201,70 @@ class AdaptedLinear(nn.Module):
         lora_a, lora_b, scale, slots = self._step_tables(lora_slots, slots)
         moe_lora(x, lora_a, lora_b, slots, ids, weights, scale, y)
 
+    def _slot_tables(self, lora_slots: list[int], kind: str = "slot_tables") -> SlotTables:
+        """These adapters' LoRA experts and routers, cut to their largest expert count and rank, laid out for
+        slot_batched_lora (kept while the same adapters are stepped and none is loaded or unloaded; steps of one
+        adapter keep theirs apart, `kind="one"`, so they and mixed steps do not evict each other's)."""
+        key = tuple(lora_slots)
+        if self._cuts.get(kind, (None,))[0] != key:
+            self._cuts[kind] = key, self._make_slot_tables(lora_slots)
+        return self._cuts[kind][1]
+
+    def _make_slot_tables(self, lora_slots: list[int]) -> SlotTables:
+        routing = [self.routing[s] for s in lora_slots]
+        experts = max(r.num_experts for r in routing)
+        rank = max(self.rank[s] for s in lora_slots)
+        device = self.tables["lora_a"].device
+        index = torch.tensor(lora_slots, device=device)  # [P]
+        num = len(lora_slots)
+        a = self.tables["lora_a"].index_select(0, index)[:, :experts, :rank].reshape(num, experts * rank, -1)
+        scale = self.tables["lora_scale"].index_select(0, index)[:, None, None]  # [P, 1, 1]
+        b = self.tables["lora_b"].index_select(0, index)[:, :experts, :rank].reshape(num, experts * rank, -1) * scale
+        routed = any(r.has_router for r in routing)
+        if not routed:  # plain LoRA only
+            return SlotTables(a.contiguous(), None, b.contiguous(), 1, rank, None, None, None)
+        router = self.tables["lora_router"].index_select(0, index)[:, :experts]  # [P, E, in]; 0 where not routed
+        bias = torch.zeros(num, 1, experts + experts * rank, dtype=torch.float32, device=device)  # [P, 1, E + E*r]
+        own = torch.tensor([r.num_experts for r in routing], device=device)  # [P]
+        bias[:, 0, :experts].masked_fill_(torch.arange(experts, device=device) >= own[:, None], float("-inf"))
+        top_k = [r.num_experts if r.top_k is None else min(r.top_k, r.num_experts) for r in routing]
+        renormalize = [r.has_router and r.renormalize and k < r.num_experts for r, k in zip(routing, top_k)]
+        soft = all(k == r.num_experts for r, k in zip(routing, top_k))  # every adapter weighs all of its experts
+        return SlotTables(
+            w_in=torch.cat([router, a], dim=1).contiguous(),
+            bias=bias,
+            lora_b=b.contiguous(),
+            num_experts=experts,
+            rank=rank,
+            top_k=None if len(set(top_k)) == 1 else torch.tensor(top_k, device=device)[:, None, None],
+            renormalize=torch.tensor(renormalize, device=device)[:, None, None] if any(renormalize) else None,
+            max_k=None if soft else max(top_k),
+        )
+
     def _step_tables(self, lora_slots: list[int], slots: torch.Tensor):
         """The LoRA tables cut to this step's adapters, where that is smaller than the whole tables: the slots present
         (and an empty slot 0 for every other token), their largest expert count and rank. The tables are padded to
         the largest of every resident adapter, so without the cut a plain LoRA next to a resident 10-expert MoLoRA
-        would pay for 10 experts. Returns (lora_a, lora_b, scale, the tokens' slots in the cut tables)."""
+        would pay for 10 experts. The cut is kept (contiguous) while the same adapters are stepped and none is loaded
+        or unloaded. Returns (lora_a, lora_b as [S', E', out, r'], scale, the tokens' slots in the cut tables)."""
         lora_a, lora_b, scale = self.tables["lora_a"], self.tables["lora_b"], self.tables["lora_scale"]
         experts = max(self.routing[s].num_experts for s in lora_slots)
         rank = max(self.rank[s] for s in lora_slots)
         if (len(lora_slots) + 1) * experts * rank >= lora_a.shape[0] * lora_a.shape[1] * lora_a.shape[2]:
-            return lora_a, lora_b, scale, slots
-        cache = get_forward_context().step_cache
+            return lora_a, lora_b.transpose(2, 3), scale, slots
+        step_cache = get_forward_context().step_cache
         key = ("lora_cut", tuple(lora_slots), lora_a.shape[0])
-        if key not in cache:  # the same for every layer of the step with these adapters
-            device = lora_a.device
+        if key not in step_cache:  # the token remap is the same for every layer of the step with these adapters
             local = torch.zeros(self.num_slots + 1, dtype=torch.long)
             local[lora_slots] = torch.arange(1, len(lora_slots) + 1)  # table slot -> its place in the cut
-            cache[key] = torch.tensor([0, *lora_slots], device=device), local.to(device)[slots.long()]
-        index, local_slots = cache[key]  # [P + 1] host data, [T]
-        return (
-            lora_a.index_select(0, index)[:, :experts, :rank],  # [P + 1, E', r', in]
-            lora_b.index_select(0, index)[:, :experts, :, :rank],  # [P + 1, E', out, r']
-            scale.index_select(0, index),  # [P + 1]
-            local_slots,
-        )
+            step_cache[key] = local.to(lora_a.device)[slots.long()]
+        cut_key = tuple(lora_slots)
+        if self._cuts.get("step_tables", (None,))[0] != cut_key:
+            index = torch.tensor([0, *lora_slots], device=lora_a.device)  # [P + 1] host data
+            self._cuts["step_tables"] = cut_key, (
+                lora_a.index_select(0, index)[:, :experts, :rank].contiguous(),  # [P + 1, E', r', in]
+                lora_b.index_select(0, index)[:, :experts, :rank].contiguous(),  # [P + 1, E', r', out]
+                scale.index_select(0, index),  # [P + 1]
+            )
+        cut_a, cut_b, cut_scale = self._cuts["step_tables"][1]
+        return cut_a, cut_b.transpose(2, 3), cut_scale, step_cache[key]

@@ -42,7 +42,7 @@ class SparseMoeBlock(nn.Module):
         if self.overlay is None:
             w13, w2, rows = self.experts.gate_up_proj, self.experts.down_proj, routing.topk_ids
         else:
-            w13, w2 = self.overlay.w13, self.overlay.w2
+            w13, w2 = self.overlay.tables()
             rows = self.overlay.route(routing.topk_ids, get_forward_context().adapter_slot)
         out = fused_moe(x, w13, w2, routing.topk_weights, rows, self.hidden_act)  # [T, H]
         if self.spec.shared_intermediate_size:

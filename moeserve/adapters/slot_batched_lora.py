@@ -1,0 +1,113 @@
+"""The LoRA-expert deltas of a step's adapters, each adapter's tokens padded into a row of a batched matmul (CPU).
+
+A step of the CPU product serves a few adapters with a few tokens each (decodes). Per token and (slot, expert)
+(kernels/moe_lora.py) the work is either wasted (the dense path multiplies every token with every adapter's
+tables) or copied (the gather path copies A and B per assignment), and each routed adapter's router runs on its own
+tokens, op after op. Here the tokens of the P adapters present are padded to [P, Tmax] once per step, and one linear's
+routers, A and B of all P adapters are three batched matmuls over that layout:
+
+    logits = x_pad @ R^T                  [P, Tmax, E]   padded experts of an adapter masked out
+    gate   = softmax, top-k, renormalise  per adapter (its k, its flag); plain LoRA is one expert of weight 1
+    delta  = ((x_pad @ A^T) * gate) @ B   [P, Tmax, out] times the adapter's scale
+
+The padding costs P * Tmax - T rows of waste, so the caller uses it while that stays small (see `worth_padding`).
+The results equal the per-slot routing and moe_lora's semantics (the same softmax, top-k and sums, in fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+
+@dataclass(frozen=True)
+class SlotPadding:
+    """Where each adapter's tokens sit in the padded layout: row p holds the tokens of the p-th adapter present
+    (the padded places compute junk that is never read back)."""
+
+    index: torch.Tensor | None  # [P, Tmax] int64 token index (0 where padded); None: one row of every token
+    tokens: torch.Tensor | None  # [T'] int64: the tokens of every row, row after row (each token once)
+    places: torch.Tensor | None  # [T'] int64: where each of them sits in the flattened [P * Tmax] layout
+
+    @classmethod
+    def whole(cls) -> SlotPadding:
+        """One adapter, every token of the step in order: x itself is the padded layout."""
+        return cls(None, None, None)
+
+    @classmethod
+    def of(cls, groups: list[torch.Tensor]) -> SlotPadding:
+        """From each adapter's token indices (host-known lengths, so no device sync)."""
+        device = groups[0].device
+        index = pad_sequence([g.long() for g in groups], batch_first=True, padding_value=0)  # [P, Tmax]
+        tmax = index.shape[1]
+        counts = [g.shape[0] for g in groups]
+        places = torch.cat([p * tmax + torch.arange(n) for p, n in enumerate(counts)])  # [T'] host data
+        tokens = torch.cat([g.long() for g in groups])  # [T']
+        return cls(index, tokens, places.to(device))
+
+
+def worth_padding(counts: list[int]) -> bool:
+    """Whether padding these per-adapter token counts wastes little: at most as many padded rows as real ones
+    (plus a few), which holds for decode steps and for prefills spread over the adapters."""
+    return len(counts) * max(counts) <= 2 * sum(counts) + 16
+
+
+@dataclass(frozen=True)
+class SlotTables:
+    """One linear's LoRA experts of the P adapters present, contiguous, padded to their largest E and r, laid out for
+    two batched matmuls: the routers' rows stacked over A's (one matmul gives the logits and every expert's A x)."""
+
+    w_in: torch.Tensor  # [P, E + E*r, in]: router rows (E of them; none where no adapter routes), then A's E*r rows
+    bias: torch.Tensor | None  # [P, 1, E + E*r] fp32: -inf on the logits of an adapter's padded experts, else 0
+    lora_b: torch.Tensor  # [P, E*r, out]: B^T of every expert, times the adapter's scale
+    num_experts: int  # E
+    rank: int  # r
+    top_k: torch.Tensor | None  # [P, 1, 1] int64: each adapter's k; None where every adapter has the same k
+    renormalize: torch.Tensor | None  # [P, 1, 1] bool; None where no adapter renormalises
+    max_k: int | None  # the largest k; None: soft routing over every expert for all of them (no top-k)
+
+    @property
+    def routed(self) -> bool:
+        return self.bias is not None
+
+
+def slot_gates(logits: torch.Tensor, tables: SlotTables) -> torch.Tensor:
+    """Each padded token's weight per expert of its adapter [P, Tmax, E] in fp32, from its router logits [P, Tmax, E]
+    (padded experts at -inf): softmax, then the adapter's top k (renormalised where it says so)."""
+    probs = logits.float().softmax(dim=-1)  # [P, Tmax, E]
+    if tables.max_k is None:
+        return probs
+    weights, ids = torch.topk(probs, tables.max_k, dim=-1)  # [P, Tmax, K]
+    if tables.top_k is not None:
+        weights = weights * (torch.arange(tables.max_k, device=logits.device) < tables.top_k)
+    if tables.renormalize is not None:
+        weights = torch.where(tables.renormalize, weights / weights.sum(dim=-1, keepdim=True), weights)
+    return torch.zeros_like(probs).scatter_(2, ids, weights)
+
+
+def slot_batched_lora(x: torch.Tensor, tables: SlotTables, padding: SlotPadding, out: torch.Tensor) -> None:
+    """Adds every token's LoRA-expert delta to out [T, out_features] (in place; fp32 sums, rounded once)."""
+    num_slots, tmax = (1, x.shape[0]) if padding.index is None else padding.index.shape
+    experts, rank = tables.num_experts, tables.rank
+    x_pad = (x if padding.index is None else x[padding.index.view(-1)]).view(num_slots, tmax, -1).float()  # [P, Tmax, in]
+    w_in = tables.w_in.float().transpose(1, 2)  # [P, in, E + E*r]
+    if tables.routed:
+        hw = torch.baddbmm(tables.bias, x_pad, w_in)  # [P, Tmax, E + E*r]: logits, then A x of every expert
+        gate = slot_gates(hw[..., :experts], tables)  # [P, Tmax, E]
+        h = hw[..., experts:].view(num_slots, tmax, experts, rank) * gate[..., None]  # [P, Tmax, E, r]
+    else:  # plain LoRA only: one expert of weight 1
+        h = torch.bmm(x_pad, w_in)  # [P, Tmax, r]
+    delta = torch.bmm(h.view(num_slots, tmax, experts * rank), tables.lora_b.float())  # [P, Tmax, out]
+    if padding.index is None:  # every token, in order
+        if out.dtype == torch.float32:
+            out.add_(delta[0])
+        else:
+            out.copy_((out.float() + delta[0]).to(out.dtype))
+        return
+    delta = delta.view(num_slots * tmax, -1)[padding.places]  # [T', out]: the real tokens only
+    if out.dtype == torch.float32:
+        out.index_add_(0, padding.tokens, delta)
+    else:
+        out[padding.tokens] = (out[padding.tokens].float() + delta).to(out.dtype)
