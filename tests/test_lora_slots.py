@@ -52,8 +52,11 @@ def test_tables_grow_and_every_slot_keeps_its_own_adapter(padded, monkeypatch):
     g = torch.Generator().manual_seed(0)
     base = nn.Linear(12, 10)
     layer = AdaptedLinear(base, num_slots=3, max_rank=16, max_experts=8)
-    adapters = {1: lora(g, 1, 2), 2: lora(g, 4, 6, router=True, top_k=2, renormalize=True),
-                3: lora(g, 3, 4, router=True)}
+    adapters = {
+        1: lora(g, 1, 2),
+        2: lora(g, 4, 6, router=True, top_k=2, renormalize=True),
+        3: lora(g, 3, 4, router=True),
+    }
     x = torch.randn(9, 12, generator=g)
     slots = [0, 1, 2, 3, 1, 0, 3, 2, 1]
     layer.load(1, adapters[1])

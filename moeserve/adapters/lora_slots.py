@@ -261,10 +261,13 @@ class AdaptedLinear(nn.Module):
         cut_key = tuple(lora_slots)
         if self._cuts.get("step_tables", (None,))[0] != cut_key:
             index = torch.tensor([0, *lora_slots], device=lora_a.device)  # [P + 1] host data
-            self._cuts["step_tables"] = cut_key, (
-                lora_a.index_select(0, index)[:, :experts, :rank].contiguous(),  # [P + 1, E', r', in]
-                lora_b.index_select(0, index)[:, :experts, :rank].contiguous(),  # [P + 1, E', r', out]
-                scale.index_select(0, index),  # [P + 1]
+            self._cuts["step_tables"] = (
+                cut_key,
+                (
+                    lora_a.index_select(0, index)[:, :experts, :rank].contiguous(),  # [P + 1, E', r', in]
+                    lora_b.index_select(0, index)[:, :experts, :rank].contiguous(),  # [P + 1, E', r', out]
+                    scale.index_select(0, index),  # [P + 1]
+                ),
             )
         cut_a, cut_b, cut_scale = self._cuts["step_tables"][1]
         return cut_a, cut_b.transpose(2, 3), cut_scale, step_cache[key]

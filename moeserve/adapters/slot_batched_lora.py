@@ -91,7 +91,8 @@ def slot_batched_lora(x: torch.Tensor, tables: SlotTables, padding: SlotPadding,
     """Adds every token's LoRA-expert delta to out [T, out_features] (in place; fp32 sums, rounded once)."""
     num_slots, tmax = (1, x.shape[0]) if padding.index is None else padding.index.shape
     experts, rank = tables.num_experts, tables.rank
-    x_pad = (x if padding.index is None else x[padding.index.view(-1)]).view(num_slots, tmax, -1).float()  # [P, Tmax, in]
+    rows = x if padding.index is None else x[padding.index.view(-1)]
+    x_pad = rows.view(num_slots, tmax, -1).float()  # [P, Tmax, in]
     w_in = tables.w_in.float().transpose(1, 2)  # [P, in, E + E*r]
     if tables.routed:
         hw = torch.baddbmm(tables.bias, x_pad, w_in)  # [P, Tmax, E + E*r]: logits, then A x of every expert
