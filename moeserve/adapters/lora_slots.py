@@ -220,25 +220,33 @@ class AdaptedLinear(nn.Module):
         a = self.tables["lora_a"].index_select(0, index)[:, :experts, :rank].reshape(num, experts * rank, -1)
         scale = self.tables["lora_scale"].index_select(0, index)[:, None, None]  # [P, 1, 1]
         b = self.tables["lora_b"].index_select(0, index)[:, :experts, :rank].reshape(num, experts * rank, -1) * scale
-        routed = any(r.has_router for r in routing)
-        if not routed:  # plain LoRA only
-            return SlotTables(a.contiguous(), None, b.contiguous(), 1, rank, None, None, None)
+        if not any(r.has_router for r in routing):  # plain LoRA only
+            return SlotTables(a.contiguous(), b.contiguous(), 1, rank, False, None, None, None, False)
         router = self.tables["lora_router"].index_select(0, index)[:, :experts]  # [P, E, in]; 0 where not routed
-        bias = torch.zeros(num, 1, experts + experts * rank, dtype=torch.float32, device=device)  # [P, 1, E + E*r]
         own = torch.tensor([r.num_experts for r in routing], device=device)  # [P]
-        bias[:, 0, :experts].masked_fill_(torch.arange(experts, device=device) >= own[:, None], float("-inf"))
+        bias = None
+        if any(r.num_experts < experts for r in routing):
+            bias = torch.zeros(num, 1, experts + experts * rank, dtype=torch.float32, device=device)  # [P, 1, E + E*r]
+            bias[:, 0, :experts].masked_fill_(torch.arange(experts, device=device) >= own[:, None], float("-inf"))
         top_k = [r.num_experts if r.top_k is None else min(r.top_k, r.num_experts) for r in routing]
-        renormalize = [r.has_router and r.renormalize and k < r.num_experts for r, k in zip(routing, top_k)]
-        soft = all(k == r.num_experts for r, k in zip(routing, top_k))  # every adapter weighs all of its experts
+        max_k = None if all(k == r.num_experts for r, k in zip(routing, top_k)) else max(top_k)  # None: all soft
+        keep = None
+        if max_k is not None and len(set(top_k)) > 1:
+            keep = (torch.arange(max_k)[None, :] < torch.tensor(top_k)[:, None]).float()[:, None, :].to(device)
+        renorm = [r.has_router and r.renormalize and k < r.num_experts for r, k in zip(routing, top_k)]
+        renormalize = (
+            all(renorm) if all(renorm) or not any(renorm) else torch.tensor(renorm, device=device)[:, None, None]
+        )
         return SlotTables(
             w_in=torch.cat([router, a], dim=1).contiguous(),
-            bias=bias,
             lora_b=b.contiguous(),
             num_experts=experts,
             rank=rank,
-            top_k=None if len(set(top_k)) == 1 else torch.tensor(top_k, device=device)[:, None, None],
-            renormalize=torch.tensor(renormalize, device=device)[:, None, None] if any(renormalize) else None,
-            max_k=None if soft else max(top_k),
+            routed=True,
+            bias=bias,
+            max_k=max_k,
+            keep=keep,
+            renormalize=renormalize,
         )
 
     def _step_tables(self, lora_slots: list[int], slots: torch.Tensor):

@@ -60,17 +60,15 @@ class SlotTables:
     two batched matmuls: the routers' rows stacked over A's (one matmul gives the logits and every expert's A x)."""
 
     w_in: torch.Tensor  # [P, E + E*r, in]: router rows (E of them; none where no adapter routes), then A's E*r rows
-    bias: torch.Tensor | None  # [P, 1, E + E*r] fp32: -inf on the logits of an adapter's padded experts, else 0
     lora_b: torch.Tensor  # [P, E*r, out]: B^T of every expert, times the adapter's scale
     num_experts: int  # E
     rank: int  # r
-    top_k: torch.Tensor | None  # [P, 1, 1] int64: each adapter's k; None where every adapter has the same k
-    renormalize: torch.Tensor | None  # [P, 1, 1] bool; None where no adapter renormalises
+    routed: bool  # whether any adapter has a router (else plain LoRA only: one expert of weight 1, no router rows)
+    bias: torch.Tensor | None  # [P, 1, E + E*r] fp32: -inf on the logits of an adapter's padded experts, else 0;
+    #                            None where no adapter has padded experts
     max_k: int | None  # the largest k; None: soft routing over every expert for all of them (no top-k)
-
-    @property
-    def routed(self) -> bool:
-        return self.bias is not None
+    keep: torch.Tensor | None  # [P, 1, K] fp32: 1 for the first k of each adapter's top-K; None: same k for all
+    renormalize: bool | torch.Tensor  # whether the top-k weights are renormalised: for all, or [P, 1, 1] bool
 
 
 def slot_gates(logits: torch.Tensor, tables: SlotTables) -> torch.Tensor:
@@ -80,9 +78,11 @@ def slot_gates(logits: torch.Tensor, tables: SlotTables) -> torch.Tensor:
     if tables.max_k is None:
         return probs
     weights, ids = torch.topk(probs, tables.max_k, dim=-1)  # [P, Tmax, K]
-    if tables.top_k is not None:
-        weights = weights * (torch.arange(tables.max_k, device=logits.device) < tables.top_k)
-    if tables.renormalize is not None:
+    if tables.keep is not None:
+        weights = weights * tables.keep
+    if tables.renormalize is True:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    elif tables.renormalize is not False:
         weights = torch.where(tables.renormalize, weights / weights.sum(dim=-1, keepdim=True), weights)
     return torch.zeros_like(probs).scatter_(2, ids, weights)
 
@@ -95,7 +95,8 @@ def slot_batched_lora(x: torch.Tensor, tables: SlotTables, padding: SlotPadding,
     x_pad = rows.view(num_slots, tmax, -1).float()  # [P, Tmax, in]
     w_in = tables.w_in.float().transpose(1, 2)  # [P, in, E + E*r]
     if tables.routed:
-        hw = torch.baddbmm(tables.bias, x_pad, w_in)  # [P, Tmax, E + E*r]: logits, then A x of every expert
+        # [P, Tmax, E + E*r]: the logits, then A x of every expert
+        hw = torch.bmm(x_pad, w_in) if tables.bias is None else torch.baddbmm(tables.bias, x_pad, w_in)
         gate = slot_gates(hw[..., :experts], tables)  # [P, Tmax, E]
         h = hw[..., experts:].view(num_slots, tmax, experts, rank) * gate[..., None]  # [P, Tmax, E, r]
     else:  # plain LoRA only: one expert of weight 1
