@@ -61,6 +61,8 @@ def interpreter_ready() -> bool:
 
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether a dispatcher given this (representative input) tensor should launch the Triton kernel."""
+    if os.environ.get("MOESERVE_KERNELS") in (None, "auto"):  # the common case, first: it runs for every layer
+        return tensor.is_cuda and triton_installed()
     mode = kernel_mode()
     if mode == "torch":
         return False

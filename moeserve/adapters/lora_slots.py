@@ -173,11 +173,14 @@ class AdaptedLinear(nn.Module):
     def _ia3_scale(self, kind: str, slot: int, act: torch.Tensor) -> torch.Tensor:
         """sum_i g_i(act) l[slot, i] for the activations act [n, dim] it will rescale: [n, dim]."""
         routing = self.routing[slot]
-        ids, weights = _route(
-            act, self.tables.get(f"{kind}_router", None)[slot] if routing.has_router else None, routing
-        )
-        vectors = self.tables[f"{kind}_vec"][slot]  # [E, dim]
-        return torch.einsum("nk,nkd->nd", weights.to(act.dtype), vectors[ids])
+        vectors = self.tables[f"{kind}_vec"][slot, : routing.num_experts]  # [E, dim]
+        if not routing.has_router:  # one vector for every token
+            return vectors[0].expand(act.shape[0], -1)
+        ids, weights = _route(act, self.tables[f"{kind}_router"][slot], routing)  # [n, K]
+        if ids.shape[1] == routing.num_experts:  # soft: every expert, in order
+            return weights.to(act.dtype) @ vectors
+        gate = torch.zeros(act.shape[0], routing.num_experts, dtype=act.dtype, device=act.device)  # [n, E]
+        return gate.scatter_(1, ids, weights.to(act.dtype)) @ vectors
 
     def _add_lora(
         self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor, lora_slots: list[int], groups: dict
