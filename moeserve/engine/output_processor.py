@@ -52,7 +52,11 @@ class OutputProcessor:
             if out.error is not None:  # the core refused or failed this request alone
                 del self.requests[out.request_id]
                 r = state.request
-                results.append(RequestOutput(r.request_id, state.prompt, r.prompt_token_ids, [], True, error=out.error))
+                results.append(
+                    RequestOutput(
+                        r.request_id, state.prompt, r.prompt_token_ids, [], True, error=out.error, adapter=r.adapter
+                    )
+                )
                 continue
             results.append(self._update(state, out, now))
             if results[-1].finished:
@@ -96,4 +100,5 @@ class OutputProcessor:
             new_logprobs=out.new_logprobs or [],
             num_cached_tokens=out.num_cached_tokens,
             metrics=RequestMetrics(request.arrival_time, out.first_scheduled_time, state.first_token_time),
+            adapter=request.adapter,
         )

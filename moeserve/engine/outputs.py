@@ -41,3 +41,4 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
     error: str | None = None  # the engine failed this request (it is finished, with no completion)
+    adapter: str | None = None  # the adapter it ran with; None: the base model

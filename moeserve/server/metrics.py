@@ -83,6 +83,15 @@ class ServerMetrics:
             "vllm:num_preemptions", "Sequences preempted (KV blocks freed, to be recomputed).", labels, registry=r
         )
         self._seen = {"queries": 0, "hits": 0, "preemptions": 0}
+        self.adapter_requests = Counter(
+            "moeserve:adapter_requests",
+            "Finished requests, by the adapter they ran with (the base model's name for none).",
+            [*labels, "adapter"],
+            registry=r,
+        )
+        self.adapter_generation_tokens = Counter(
+            "moeserve:adapter_generation_tokens", "Tokens generated, by adapter.", [*labels, "adapter"], registry=r
+        )
         self._last_token_time: dict[str, float] = {}
         self._lora_labels: tuple[str, str, str] | None = None
         self._seen_loads = self._seen_evictions = 0
@@ -104,8 +113,9 @@ class ServerMetrics:
         for out in outputs:
             if out.error is not None:
                 continue
-            rid = out.request_id
+            rid, adapter = out.request_id, out.adapter or m
             self.generation_tokens.labels(m).inc(len(out.new_token_ids))
+            self.adapter_generation_tokens.labels(m, adapter).inc(len(out.new_token_ids))
             last = self._last_token_time.get(rid)
             arrival = out.metrics.arrival_time if out.metrics else now
             if last is None:
@@ -119,6 +129,7 @@ class ServerMetrics:
             if out.finished:
                 self._last_token_time.pop(rid, None)
                 self.request_success.labels(m, out.outputs[0].finish_reason or "unknown").inc()
+                self.adapter_requests.labels(m, adapter).inc()
                 self.e2e.labels(m).observe(now - arrival)
         self._observe_adapters(stats)
         self._observe_counts(stats)
