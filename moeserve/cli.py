@@ -99,7 +99,20 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_headers=args.allowed_headers,
         allow_credentials=args.allow_credentials,
     )
-    app = build_server(engine_config_from_args(str(model), args), config, adapters, args.max_waiting)
+    engine_config = engine_config_from_args(str(model), args)
+    if args.replicas is not None:
+        from moeserve.deploy.ray_config import RayServeConfig
+        from moeserve.deploy.ray_serve import serve_replicas
+
+        ray_config = RayServeConfig(
+            num_replicas=args.replicas,
+            replica_cpus=args.replica_cpus,
+            replica_gpus=args.replica_gpus,
+            ray_address=args.ray_address,
+        )
+        serve_replicas(engine_config, config, adapters, ray_config, args.host, args.port, args.max_waiting)
+        return 0
+    app = build_server(engine_config, config, adapters, args.max_waiting)
     serve(app, args.host, args.port, args.log_level)
     return 0
 
@@ -170,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"CORS: allowed {what}, a JSON list as vLLM takes it (default: '[\"*\"]')",
         )
     srv.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    ray = srv.add_argument_group("many replicas (Ray Serve, docs/deploy.md)")
+    ray.add_argument("--replicas", type=int, default=None, help="run N engine replicas behind Ray Serve's proxy")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per engine replica")
+    ray.add_argument("--replica-gpus", type=float, default=0.0, help="Ray GPUs per replica (default: 1 on cuda)")
+    ray.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start one here)")
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
 
