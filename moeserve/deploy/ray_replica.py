@@ -21,7 +21,7 @@ from moeserve.deploy.asgi_call import HTTPRequest, ResponseStart, call_asgi
 from moeserve.deploy.replica_metrics import REPORT_INTERVAL_S
 from moeserve.engine.config import EngineConfig
 from moeserve.server.app import ServerConfig, build_app
-from moeserve.server.async_engine import AsyncEngine
+from moeserve.server.async_engine import AsyncEngine, EngineDeadError
 from moeserve.server.errors import error_response
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,11 @@ class ResidentAdapter:
     async def _drop_if_idle(self) -> None:
         if self.evicted and self.in_use == 0 and self.resident.get(self.name) is self:
             del self.resident[self.name]
-            await self.engine.unregister_adapter(self.name)
+            try:
+                await self.engine.unregister_adapter(self.name)
+            except EngineDeadError as exc:  # the core is restarting, and comes back with it registered
+                logger.warning("adapter %s evicted, but not unregistered: %s", self.name, exc)
+                return
             logger.info("adapter %s unregistered (evicted from this replica)", self.name)
 
 
@@ -94,8 +98,11 @@ def engine_replica_class(max_resident: int) -> type:
             if held is not None:  # evicted, still finishing requests, and wanted again: keep it
                 held.revive()
                 return held
-            path = self.paths[name]
-            await self.engine.register_adapter(name, path)
+            if not self.engine.is_registered(name):
+                await self.engine.register_adapter(name, self.paths[name])
+            # else: left registered by an eviction that found the core restarting; handle_request reloads it if
+            # its directory is not the one asked for now.
+            path = self.engine.adapters[name]
             held = self.resident[name] = ResidentAdapter(self.engine, self.resident, name, path)
             return held
 
