@@ -35,20 +35,22 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [dim/2]
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, dim/2] for positions [T], in float32."""
+        """cos and signed sin [T, dim] for positions [T], in float32, laid out for `forward`'s halves:
+        cos = (cos, cos), sin = (-sin, sin). Made once per step, shared by every layer."""
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, dim/2]
-        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotates x [T, heads, dim]. Half-split (x[:d/2], x[d/2:]) pairs, or interleaved (x[0::2], x[1::2]) pairs.
 
-        The interleaved output keeps the pairs split in halves: attention scores only need q and k permuted alike.
+        With (x1, x2) the pairs' halves: (x1 cos - x2 sin, x2 cos + x1 sin) = x * (cos, cos) + (x2, x1) * (-sin, sin),
+        four operations. The interleaved output keeps the pairs split in halves: attention scores only need q and k
+        permuted alike.
         """
         dtype = x.dtype
-        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, dim/2]
-        if self.interleaved:
-            x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-        else:
-            half = x.shape[-1] // 2
-            x1, x2 = x[..., :half].float(), x[..., half:].float()
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, dim]
+        halves = x.unflatten(-1, (-1, 2)).transpose(-1, -2) if self.interleaved else x.unflatten(-1, (2, -1))
+        swapped = halves.flip(-2).flatten(-2)  # (x2, x1) [T, heads, dim]
+        x = halves.flatten(-2).float()  # (x1, x2)
+        return (x * cos + swapped.float() * sin).to(dtype)

@@ -44,7 +44,9 @@ class Router(nn.Module):
         topk_weights = scores.gather(1, topk_ids)  # [T, K]
         if spec.norm_topk_prob:
             topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(topk_ids, topk_weights * spec.routed_scaling_factor, scores)
+        if spec.routed_scaling_factor != 1.0:
+            topk_weights = topk_weights * spec.routed_scaling_factor
+        return Routing(topk_ids, topk_weights, scores)
 
     def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Keeps the experts of the topk_group best groups; the others can no longer be chosen."""
