@@ -50,7 +50,7 @@ class RotaryEmbedding(nn.Module):
         """
         dtype = x.dtype
         cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, dim]
-        halves = x.unflatten(-1, (-1, 2)).transpose(-1, -2) if self.interleaved else x.unflatten(-1, (2, -1))
-        swapped = halves.flip(-2).flatten(-2)  # (x2, x1) [T, heads, dim]
-        x = halves.flatten(-2).float()  # (x1, x2)
-        return (x * cos + swapped.float() * sin).to(dtype)
+        if self.interleaved:  # (x1, x2) = (x[0::2], x[1::2])
+            x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+        x = x.float()
+        return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(dtype)  # roll: (x1, x2) -> (x2, x1)
