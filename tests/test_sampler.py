@@ -131,3 +131,12 @@ def test_the_race_draws_from_the_filtered_distribution():
     tokens = torch.tensor(Sampler(0)(logits.expand(rows, 4).clone(), seqs).token_ids)
     freq = torch.bincount(tokens, minlength=4).double() / rows
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.0]).double() / 0.95, atol=0.02, rtol=0)
+
+
+def test_greedy_ties_go_to_the_lowest_token_id():
+    """As argmax (and vLLM, transformers) break them, on a vocabulary the size of a real model's."""
+    logits = torch.randn(4, 151_936, generator=torch.Generator().manual_seed(5))
+    logits[:, [90_000, 7, 151_000]] = 50.0
+    logits[2] = 0.0
+    out = Sampler(0)(logits.clone(), [make_seq([1], temperature=0) for _ in range(4)])
+    assert out.token_ids == [7, 7, 0, 7] == logits.argmax(-1).tolist()
