@@ -49,11 +49,16 @@ def make_esft(base_dir: Path, out: Path, seed: int, experts_per_layer: int = 2) 
     return out, ref
 
 
-def make_peft_lora(base_dir: Path, out: Path, seed: int, rank: int = 4, targets=("q_proj", "v_proj", "down_proj")):
-    """A PEFT LoRA adapter with non-zero B (so it changes the output), and the PEFT model as reference."""
+def make_peft_lora(
+    base_dir: Path, out: Path, seed: int, rank: int = 4, targets=("q_proj", "v_proj", "down_proj"), **lora_kwargs
+):
+    """A PEFT LoRA adapter with non-zero B (so it changes the output), and the PEFT model as reference.
+
+    lora_kwargs go to LoraConfig (target_parameters, rank_pattern, alpha_pattern, use_rslora, ...)."""
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), **lora_kwargs)
+    model = get_peft_model(base, config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -68,3 +73,12 @@ def write_config_field(adapter_dir: Path, **fields) -> None:
     data = json.loads(path.read_text())
     data.update(fields)
     path.write_text(json.dumps(data))
+
+
+EXPERT_TABLES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def make_peft_expert_lora(base_dir: Path, out: Path, seed: int, rank: int = 4, targets=("q_proj",), **lora_kwargs):
+    """make_peft_lora with LoRA on the fused routed-expert tables too (PEFT target_parameters)."""
+    lora_kwargs.setdefault("target_parameters", list(EXPERT_TABLES))
+    return make_peft_lora(base_dir, out, seed, rank, targets, **lora_kwargs)

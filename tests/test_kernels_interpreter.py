@@ -16,7 +16,12 @@ import torch
 
 from moeserve.kernels import backend
 
-MODULES = ("test_kernels_fused_moe.py", "test_kernels_moe_lora.py", "test_kernels_paged_attention.py")
+MODULES = (
+    "test_kernels_fused_moe.py",
+    "test_kernels_expert_lora.py",
+    "test_kernels_moe_lora.py",
+    "test_kernels_paged_attention.py",
+)
 SKIP_REASON = "triton was imported before TRITON_INTERPRET"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adapter_factory import make_peft_expert_lora
 from test_adapter_methods_serving import make_adapter
 from test_attention_rows import SyncError, no_syncs, sync_origin
 
@@ -21,11 +22,15 @@ METHODS = {
 @pytest.mark.parametrize("arch", list(METHODS))
 def test_mixed_adapter_decode_step_has_no_host_sync(tiny_dir, tmp_path, arch, monkeypatch):
     base = tiny_dir(arch)
-    methods = METHODS[arch]
+    methods = [*METHODS[arch], "expert-lora"]
     llm = LLM(base, num_kv_blocks=64, max_model_len=64, max_adapters=len(methods), max_cpu_adapters=len(methods))
     seqs = [llm.tokenizer.encode("The list type is"), llm.tokenizer.encode("x y")]
     for method in methods:
-        llm.engine.adapters.register(method, make_adapter(base, tmp_path / method, method, arch, seqs))
+        if method == "expert-lora":  # LoRA on the routed experts (PEFT target_parameters)
+            path, _ = make_peft_expert_lora(base, tmp_path / method, seed=3, targets=("o_proj",))
+        else:
+            path = make_adapter(base, tmp_path / method, method, arch, seqs)
+        llm.engine.adapters.register(method, path)
     engine = llm.engine
     for i, adapter in enumerate([None, *methods]):
         engine.add_request(str(i), seqs[i % 2], SamplingParams(temperature=0, max_tokens=4), adapter=adapter)

@@ -26,12 +26,14 @@ methods:
   loramoe     LoRAMoE: 8 rank-4 LoRA experts in the FFN (6 task + 2 world knowledge), localized balancing loss
   mola        MoLA: rank-8 LoRA experts, top-2, more experts in higher layers (inverted-triangle 2-4-6-8),
               Switch balancing loss
-  lora        plain LoRA through PEFT (rank 8, alpha 16 on q, k, v, o); PEFT-compatible files
+  lora        plain LoRA through PEFT (rank 8, alpha 16 on q, k, v, o); PEFT-compatible files; with
+              --target-modules ...,gate_up_proj,down_proj also LoRA on every routed expert (PEFT target_parameters)
 
 Targets are module-name suffixes of nn.Linear layers: attention projections, dense MLPs and the shared experts of
 MoE models (mlp.shared_expert.up_proj in Qwen2-MoE, mlp.shared_experts.gate_proj in DeepSeek). Routed experts of
-transformers-5 MoE blocks are fused 3-D parameters (mlp.experts.gate_up_proj), not nn.Linear, so the LoRA-expert
-methods and lora do not adapt them; ESFT is the method for routed experts.
+transformers-5 MoE blocks are fused 3-D parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj): lora adapts
+them when named (a rank-r LoRA per expert, PEFT's target_parameters; `down_proj` names both the routed table and
+the shared expert's linear); the LoRA-expert methods do not; ESFT fine-tunes whole routed experts.
 
 The data is JSONL: {"prompt", "completion"} or {"messages": [...]} records, optional "type" 0/1 (LoRAMoE).
 Checkpoints go to OUT/checkpoints; --resume continues from the last one. The adapter is written to OUT.

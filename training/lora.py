@@ -29,7 +29,8 @@ DEFAULT_ALPHA = 16.0
 
 
 class LoRAMethod:
-    """`lora`: one PEFT LoRA (rank r, alpha) on each target linear."""
+    """`lora`: one PEFT LoRA (rank r, alpha) on each target linear, and on each routed expert of a targeted
+    fused expert table (PEFT's target_parameters: a rank-r LoRA per expert)."""
 
     name = "lora"
 
@@ -44,9 +45,12 @@ class LoRAMethod:
         targets = list(options.target_modules or DEFAULT_TARGETS)
         rank = options.rank or DEFAULT_RANK
         alpha = options.alpha if options.alpha is not None else DEFAULT_ALPHA
+        modules, parameters = split_targets(model, targets)
+        if parameters and options.dropout:
+            raise ValueError("LoRA on the routed experts (PEFT target_parameters) does not take --dropout")
         peft_config = LoraConfig(
-            r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=options.dropout, bias="none",
-            task_type="CAUSAL_LM",
+            r=rank, lora_alpha=alpha, target_modules=modules or None, target_parameters=parameters or None,
+            lora_dropout=options.dropout, bias="none", task_type="CAUSAL_LM",
         )  # fmt: skip
         self._peft_model = get_peft_model(model, peft_config)
         return AdapterConfig(
@@ -56,6 +60,7 @@ class LoRAMethod:
             target_modules=targets,
             rank=rank,
             alpha=float(alpha),
+            extra={"target_parameters": parameters} if parameters else {},
         )
 
     def aux_loss(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -77,6 +82,25 @@ class LoRAMethod:
         except RuntimeError as exc:  # PEFT reports tensors that do not fit the base model as a load_state_dict error
             raise AdapterError(f"LoRA adapter {adapter_dir} does not fit this base model: {exc}") from exc
         return peft_model.get_base_model()
+
+
+def split_targets(model: PreTrainedModel, targets: list[str]) -> tuple[list[str], list[str]]:
+    """Target names -> (PEFT target_modules, PEFT target_parameters).
+
+    A name that ends a 3-D parameter's name (transformers 5 keeps the routed experts of a MoE block fused:
+    `mlp.experts.gate_up_proj [E, 2I, H]`, `mlp.experts.down_proj [E, H, I]`) targets that expert table; a name
+    that ends a linear's name targets the linear. One name can do both (`down_proj`: the routed experts' table and
+    the shared expert's linear).
+    """
+    tables = {name for name, p in model.named_parameters() if p.dim() == 3}
+    linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def ends(names: set[str], target: str) -> bool:
+        return any(n == target or n.endswith(f".{target}") for n in names)
+
+    parameters = [t for t in targets if ends(tables, t)]
+    modules = [t for t in targets if ends(linears, t) or not ends(tables, t)]  # unknown names: PEFT says so
+    return modules, parameters
 
 
 def _add_metadata(path: Path, config: AdapterConfig) -> None:

@@ -175,20 +175,9 @@ class AdapterConfig:
 
     @classmethod
     def _from_peft(cls, data: dict[str, Any], directory: Path) -> AdapterConfig:
-        if data["peft_type"] != "LORA":
-            raise AdapterError(f"PEFT adapter type {data['peft_type']!r} is not supported; only LORA is")
-        meta = _safetensors_metadata(directory / WEIGHTS_NAME)
-        targets = data.get("target_modules") or []
-        return cls(
-            method="lora",
-            base_model_name=meta.get("base_model_name") or data.get("base_model_name_or_path") or "",
-            base_fingerprint=meta.get("base_fingerprint"),
-            target_modules=[targets] if isinstance(targets, str) else list(targets),
-            format_version=int(meta.get("moeserve_format_version", FORMAT_VERSION)),
-            rank=int(data["r"]),
-            alpha=float(data.get("lora_alpha", data["r"])),
-            extra={k: data[k] for k in ("use_rslora", "target_parameters", "bias") if data.get(k)},
-        )
+        from moeserve.adapters.peft_lora import adapter_config_from_peft  # it imports this module
+
+        return adapter_config_from_peft(data, directory, _safetensors_metadata(directory / WEIGHTS_NAME))
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from moeserve.adapters.config import AdapterError
+from moeserve.adapters.expert_lora_slots import ExpertLoRASlots
 from moeserve.adapters.expert_overlay import ExpertOverlay
 from moeserve.adapters.lora_slots import AdaptedLinear
 from moeserve.adapters.weights import LoadedAdapter, load_adapter
@@ -102,6 +103,7 @@ class AdapterManager:
         self._version_ids = itertools.count(1)
         self._overlays: dict[int, ExpertOverlay] = {}
         self._linears: dict[str, AdaptedLinear] = {}
+        self._expert_loras: dict[int, ExpertLoRASlots] = {}
 
     # --- registry ---
 
@@ -158,6 +160,13 @@ class AdapterManager:
                 raise AdapterError(
                     f"adapter has {w.num_experts} experts at {path}, above --max-lora-experts "
                     f"{self.limits.max_lora_experts}"
+                )
+        for layer, w in weights.expert_lora.items():
+            rank = max(t.shape[1] for t in (w.a13, w.a2) if t is not None)
+            if rank > self.limits.max_lora_rank:
+                raise AdapterError(
+                    f"adapter rank {rank} on the experts of layer {layer} is above --max-lora-rank "
+                    f"{self.limits.max_lora_rank} (per-expert gate and up LoRAs count together)"
                 )
         for layer, experts in weights.experts.items():
             rows = self._rows_per_layer(layer)
@@ -225,6 +234,8 @@ class AdapterManager:
             self._overlay(layer).load(index, experts)
         for path, w in weights.modules.items():
             self._linear(path).load(index, w)
+        for layer, w in weights.expert_lora.items():
+            self._expert_lora(layer).load(index, w)
         slot.ref = ref
         self.stats.loads += 1
         return True
@@ -238,6 +249,8 @@ class AdapterManager:
             overlay.unload(index)
         for linear in self._linears.values():
             linear.unload(index)
+        for expert_lora in self._expert_loras.values():
+            expert_lora.unload(index)
         slot.ref = None
 
     def _host_weights(self, ref: AdapterRef) -> LoadedAdapter:
@@ -273,6 +286,14 @@ class AdapterManager:
             block.overlay = ExpertOverlay(block, self.max_slots, self._rows_per_layer(layer))
             self._overlays[layer] = block.overlay
         return self._overlays[layer]
+
+    def _expert_lora(self, layer: int) -> ExpertLoRASlots:
+        if layer not in self._expert_loras:
+            block = self.model.model.layers[layer].mlp
+            assert isinstance(block, SparseMoeBlock)
+            block.expert_lora = ExpertLoRASlots(block, self.max_slots)
+            self._expert_loras[layer] = block.expert_lora
+        return self._expert_loras[layer]
 
     def _linear(self, path: str) -> AdaptedLinear:
         if path not in self._linears:

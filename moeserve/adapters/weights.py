@@ -3,7 +3,8 @@
 Tensor names (written by moeserve.training; see docs/training.md):
 - ESFT: `model.layers.{l}.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.weight` for the trained experts, plus
   `esft.scores.layer{l}` (not needed to serve).
-- LoRA (PEFT): `base_model.model.<module>.lora_A.weight [r, in]`, `.lora_B.weight [out, r]`.
+- LoRA (PEFT): read by PEFT itself, see moeserve/adapters/peft_lora.py (linears, fused expert tables, per-expert
+  linears).
 - LoRA-expert methods: `<module>.router.weight [E, in]` (absent: one expert, weight 1), `<module>.lora_A [E, r, in]`,
   `<module>.lora_B [E, out, r]`, or for IA3 experts (MoV) `<module>.ia3 [E, dim]`, where dim is the module's output
   size, or its input size for modules listed in config.ia3_scale_input.
@@ -11,7 +12,6 @@ Tensor names (written by moeserve.training; see docs/training.md):
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,6 @@ from moeserve.models.decoder import DecoderForCausalLM
 from moeserve.models.moe import SparseMoeBlock
 
 _ESFT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_PEFT_KEY = re.compile(r"^base_model\.model\.(.+)\.(lora_A|lora_B)\.weight$")
 _EXPERT_KEY = re.compile(r"^(.+)\.(router\.weight|lora_A|lora_B|ia3)$")
 
 
@@ -53,17 +52,33 @@ class ModuleWeights:
 
 
 @dataclass
+class ExpertLoRAWeights:
+    """LoRA on the routed experts of one MoE layer (moeserve.adapters.peft_lora), the scale folded into B."""
+
+    a13: torch.Tensor | None = None  # [E, r, H]: the gate/up projection's A
+    b13: torch.Tensor | None = None  # [E, 2I, r]
+    a2: torch.Tensor | None = None  # [E, r', I]: the down projection's A
+    b2: torch.Tensor | None = None  # [E, H, r']
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.a13, self.b13, self.a2, self.b2) if t is not None]
+
+
+@dataclass
 class LoadedAdapter:
     config: AdapterConfig
     path: Path
     experts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # ESFT
     modules: dict[str, ModuleWeights] = field(default_factory=dict)  # our module path -> its delta
+    expert_lora: dict[int, ExpertLoRAWeights] = field(default_factory=dict)  # MoE layer -> LoRA on its experts
 
     @property
     def nbytes(self) -> int:
         tensors = [t for layer in self.experts.values() for pair in layer.values() for t in pair]
         for m in self.modules.values():
             tensors += [t for t in (m.lora_a, m.lora_b, m.ia3, m.router) if t is not None]
+        for w in self.expert_lora.values():
+            tensors += w.tensors()
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -78,7 +93,7 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"cannot read {file}: {exc}") from exc
 
 
-def _expect(tensor: torch.Tensor, shape: tuple[int, ...], key: str) -> torch.Tensor:
+def expect(tensor: torch.Tensor, shape: tuple[int, ...], key: str) -> torch.Tensor:
     if tuple(tensor.shape) != shape:
         raise AdapterError(f"adapter tensor {key!r} has shape {tuple(tensor.shape)}, the base model needs {shape}")
     if not torch.isfinite(tensor).all():
@@ -86,7 +101,7 @@ def _expect(tensor: torch.Tensor, shape: tuple[int, ...], key: str) -> torch.Ten
     return tensor
 
 
-def _linear(model: DecoderForCausalLM, hf_path: str, key: str) -> tuple[str, nn.Linear]:
+def find_linear(model: DecoderForCausalLM, hf_path: str, key: str) -> tuple[str, nn.Linear]:
     path = model.checkpoint_key(hf_path)
     module = dict(model.named_modules()).get(path)
     if module is not None and not isinstance(module, nn.Linear):
@@ -106,7 +121,9 @@ def load_adapter(path: str | Path, model: DecoderForCausalLM) -> LoadedAdapter:
     if config.is_esft:
         _load_esft(adapter, tensors, model)
     elif config.method == "lora":
-        _load_peft_lora(adapter, tensors, model)
+        from moeserve.adapters.peft_lora import load_peft_lora  # it imports this module
+
+        load_peft_lora(adapter, model)
     else:
         _load_lora_experts(adapter, tensors, model)
     return adapter
@@ -144,33 +161,10 @@ def _load_esft(adapter: LoadedAdapter, tensors: dict[str, torch.Tensor], model: 
         for proj in ("gate_proj", "up_proj", "down_proj"):
             if proj not in parts:
                 raise AdapterError(f"adapter tensor {prefix}.{proj}.weight is missing")
-        gate = _expect(parts["gate_proj"], (inter, hidden), f"{prefix}.gate_proj.weight")
-        up = _expect(parts["up_proj"], (inter, hidden), f"{prefix}.up_proj.weight")
-        down = _expect(parts["down_proj"], (hidden, inter), f"{prefix}.down_proj.weight")
+        gate = expect(parts["gate_proj"], (inter, hidden), f"{prefix}.gate_proj.weight")
+        up = expect(parts["up_proj"], (inter, hidden), f"{prefix}.up_proj.weight")
+        down = expect(parts["down_proj"], (hidden, inter), f"{prefix}.down_proj.weight")
         adapter.experts.setdefault(layer, {})[expert] = (torch.cat([gate, up]), down)
-
-
-def _load_peft_lora(adapter: LoadedAdapter, tensors: dict[str, torch.Tensor], model: DecoderForCausalLM) -> None:
-    config = adapter.config
-    if config.extra.get("target_parameters"):
-        raise AdapterError("LoRA on fused expert parameters (PEFT target_parameters) is not supported for serving")
-    if config.extra.get("bias") not in (None, "none"):
-        raise AdapterError("LoRA adapters that train biases are not supported for serving")
-    rank = config.rank
-    scale = config.alpha / (math.sqrt(rank) if config.extra.get("use_rslora") else rank)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        m = _PEFT_KEY.match(key)
-        if m is None:
-            raise AdapterError(f"unexpected tensor {key!r} in a LoRA adapter")
-        parts.setdefault(m[1], {})[m[2]] = tensor
-    for hf_path, ab in parts.items():
-        path, linear = _linear(model, hf_path, hf_path)
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise AdapterError(f"LoRA adapter has only {sorted(ab)} for {hf_path!r}")
-        a = _expect(ab["lora_A"], (ab["lora_A"].shape[0], linear.in_features), f"{hf_path}.lora_A.weight")
-        b = _expect(ab["lora_B"], (linear.out_features, a.shape[0]), f"{hf_path}.lora_B.weight")
-        adapter.modules[path] = ModuleWeights(lora_a=a[None], lora_b=b[None], scale=scale)
 
 
 def _load_lora_experts(adapter: LoadedAdapter, tensors: dict[str, torch.Tensor], model: DecoderForCausalLM) -> None:
@@ -183,7 +177,7 @@ def _load_lora_experts(adapter: LoadedAdapter, tensors: dict[str, torch.Tensor],
         parts.setdefault(m[1], {})[m[2]] = tensor
     ia3 = config.expert_kind == "ia3"
     for hf_path, p in parts.items():
-        path, linear = _linear(model, hf_path, hf_path)
+        path, linear = find_linear(model, hf_path, hf_path)
         needed = {"ia3"} if ia3 else {"lora_A", "lora_B"}
         if not needed <= set(p):
             raise AdapterError(f"{config.method} adapter lacks {sorted(needed - set(p))} for {hf_path!r}")
@@ -192,16 +186,16 @@ def _load_lora_experts(adapter: LoadedAdapter, tensors: dict[str, torch.Tensor],
             w.ia3_input = any(hf_path.endswith(s) for s in config.ia3_scale_input)
             dim = linear.in_features if w.ia3_input else linear.out_features
             num = p["ia3"].shape[0]
-            w.ia3 = _expect(p["ia3"], (num, dim), f"{hf_path}.ia3")
+            w.ia3 = expect(p["ia3"], (num, dim), f"{hf_path}.ia3")
             router_dim = dim
         else:
             num, rank = p["lora_A"].shape[:2]
-            w.lora_a = _expect(p["lora_A"], (num, rank, linear.in_features), f"{hf_path}.lora_A")
-            w.lora_b = _expect(p["lora_B"], (num, linear.out_features, rank), f"{hf_path}.lora_B")
+            w.lora_a = expect(p["lora_A"], (num, rank, linear.in_features), f"{hf_path}.lora_A")
+            w.lora_b = expect(p["lora_B"], (num, linear.out_features, rank), f"{hf_path}.lora_B")
             w.scale = config.alpha / config.rank
             router_dim = linear.in_features
         if "router.weight" in p:
-            w.router = _expect(p["router.weight"], (num, router_dim), f"{hf_path}.router.weight")
+            w.router = expect(p["router.weight"], (num, router_dim), f"{hf_path}.router.weight")
         elif num != 1:
             raise AdapterError(f"{config.method} adapter has {num} experts but no router for {hf_path!r}")
         adapter.modules[path] = w

@@ -36,6 +36,8 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         # ESFT adapters' expert overlay (moeserve.adapters.expert_overlay), installed by the adapter manager.
         self.overlay: nn.Module | None = None
+        # LoRA on the routed experts (moeserve.adapters.expert_lora_slots), installed by the adapter manager.
+        self.expert_lora: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.gate(x)
@@ -44,7 +46,10 @@ class SparseMoeBlock(nn.Module):
         else:
             w13, w2 = self.overlay.tables()
             rows = self.overlay.route(routing.topk_ids, get_forward_context().adapter_slot)
-        out = fused_moe(x, w13, w2, routing.topk_weights, rows, self.hidden_act)  # [T, H]
+        if self.expert_lora is None:
+            out = fused_moe(x, w13, w2, routing.topk_weights, rows, self.hidden_act)  # [T, H]
+        else:
+            out = self.expert_lora(x, w13, w2, routing.topk_weights, rows, routing.topk_ids, self.hidden_act)
         if self.spec.shared_intermediate_size:
             shared = self.shared_experts(x)  # [T, H]
             if self.spec.shared_expert_gate:
