@@ -46,16 +46,28 @@ def add_esft_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     imp = sub.add_parser(
         "import", help="turn a full ESFT-trained checkpoint + its expert config JSON into a moeserve adapter"
     )
-    imp.add_argument("--model", type=Path, required=True, help="the ESFT-trained full model directory")
+    imp.add_argument("--model", type=Path, required=True,
+                     help="the ESFT-trained checkpoint: a model directory, an experts-only checkpoint (the "
+                     "reference's train.py), or train_ep.py's output directory of last_checkpoint_ep{rank} parts",
+                     )  # fmt: skip
     imp.add_argument("--expert-config", type=Path, required=True, help="its expert config JSON (expert_cfg.json)")
     imp.add_argument("--out", type=Path, required=True, help="adapter directory to write")
     imp.add_argument("--kind", choices=["gate", "token"],
                      help="esft-gate or esft-token (default: the JSON's, else gate)")  # fmt: skip
-    imp.add_argument("--base-name", help="the base model's name to record (default: the checkpoint's path)")
+    imp.add_argument("--base", type=Path,
+                     help="the base model directory it was trained from: its config gives the fingerprint (needed "
+                     "for checkpoints without config.json or with the reference's transformers-4 config)")  # fmt: skip
+    imp.add_argument("--base-name", help="the base model's name to record (default: --base, else the checkpoint's)")
     imp.set_defaults(func=_import)
 
-    exp = sub.add_parser("export", help="write base model + ESFT adapter as one ordinary transformers checkpoint")
-    exp.add_argument("--model", type=Path, required=True, help="base model directory")
+    exp = sub.add_parser(
+        "export", help="write an ESFT adapter in the reference's layout, or merged with its base as one checkpoint"
+    )
+    exp.add_argument("--layout", choices=["merged", "reference"], default="merged",
+                     help="merged: base + adapter as an ordinary transformers checkpoint (default); reference: the "
+                     "trained experts only + expert_cfg.json, as the ESFT reference's add_adapter loads them",
+                     )  # fmt: skip
+    exp.add_argument("--model", type=Path, help="base model directory (--layout merged)")
     exp.add_argument("--adapter", type=Path, required=True, help="ESFT adapter directory")
     exp.add_argument("--out", type=Path, required=True, help="directory for the merged checkpoint")
     exp.set_defaults(func=_export)
@@ -102,14 +114,21 @@ def _score(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from moeserve.training.esft.convert import import_reference
 
-    config = import_reference(args.model, args.expert_config, args.out, kind=args.kind, base_model_name=args.base_name)
+    config = import_reference(
+        args.model, args.expert_config, args.out, kind=args.kind, base_model_name=args.base_name, base_model=args.base
+    )
     total = sum(len(ids) for ids in (config.experts or {}).values())
     print(f"wrote {config.method} adapter with {total} experts in {len(config.experts or {})} layers to {args.out}")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from moeserve.training.esft.convert import export_merged
+    from moeserve.training.esft.convert import export_merged, export_reference
 
+    if args.layout == "reference":
+        print(f"wrote {export_reference(args.adapter, args.out)}")
+        return 0
+    if args.model is None:
+        raise ValueError("--layout merged needs the base model: --model DIR")
     print(f"wrote {export_merged(args.model, args.adapter, args.out)}")
     return 0

@@ -1,21 +1,24 @@
-"""Moving ESFT adapters between our format and the ESFT reference repository's.
+"""Moving ESFT adapters between our format and the ESFT reference repository's (deepseek-ai/ESFT).
 
-The reference repository trains a whole model directory (every weight, only the listed experts changed) and keeps
-`expert_cfg.json` beside it. `import_reference` reads just the listed experts' tensors (plus shared experts and
-non-expert modules when the JSON says they were trained) from such a checkpoint into an adapter directory;
-`export_merged` does the reverse: base + adapter written into a full checkpoint that plain transformers loads as an
-ordinary model, with the tokenizer files and `expert_cfg.json` beside it.
+The reference's train.py turns every frozen weight into a non-persistent buffer, so its checkpoints hold only the
+trained tensors (the listed experts, plus shared experts / non-expert modules when its expert_cfg.json says so);
+train_ep.py writes one such directory per expert-parallel rank. `import_reference` reads the listed experts from
+any of these (or from a whole merged model) into an adapter directory. The other way, `export_reference` writes
+the experts-only weights + expert_cfg.json that the reference's `add_adapter` loads strictly, and `export_merged`
+writes base + adapter as one ordinary transformers checkpoint (tokenizer files and expert_cfg.json beside it).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from moeserve.adapters import AdapterConfig
@@ -31,11 +34,13 @@ from moeserve.training.esft.layout import (
     target_modules,
 )
 from moeserve.training.esft.method import apply_adapter, make_adapter_config
-from moeserve.training.esft.tensors import check_tensors, expected_shapes, split_expert, write_adapter
+from moeserve.training.esft.tensors import check_tensors, expected_shapes, read_tensors, split_expert, write_adapter
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_CONFIG_NAME = "expert_cfg.json"  # the reference repository's name for the expert config of a checkpoint
+REFERENCE_WEIGHTS_NAME = "model.safetensors"  # any *.safetensors name: the reference's load_state_dict reads them all
+_EP_DIR = re.compile(r"ep(\d+)$")  # train_ep.py's last_checkpoint_ep{rank}
 # Mixtral's checkpoints name an expert's gate / up / down projections w1 / w3 / w2, under block_sparse_moe.
 _MIXTRAL_PROJS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
@@ -43,28 +48,43 @@ _TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json"
 
 
 class _Checkpoint:
-    """Lazy access to the tensors of a safetensors checkpoint directory (one file or an index of shards)."""
+    """Lazy access to the tensors of a safetensors checkpoint directory (one file, several, or an index of shards).
+
+    The ESFT reference code writes three layouts, all read here: train.py's whole-directory or experts-only
+    checkpoint (its frozen weights are non-persistent buffers, so `save_model` writes only the trained experts);
+    train_ep.py's `last_checkpoint_ep{rank}` directories, one per expert-parallel rank, each with that rank's experts
+    (merged); and v1 checkpoints whose keys lack the `model.` prefix (`layers.3.mlp...`, as its load_state_dict).
+    """
 
     def __init__(self, directory: Path) -> None:
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: directory / file for name, file in weight_map.items()}
-        else:
-            files = sorted(directory.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"{directory} has no .safetensors weights")
-            self.files = {}
-            for file in files:
-                with safe_open(str(file), framework="pt") as f:
-                    self.files.update({name: file for name in f.keys()})
+        parts = [directory] if _has_weights(directory) else sorted(
+            (d for d in directory.iterdir() if d.is_dir() and _EP_DIR.search(d.name) and _has_weights(d)),
+            key=lambda d: int(_EP_DIR.search(d.name)[1]),
+        )  # fmt: skip
+        if not parts:
+            raise FileNotFoundError(f"{directory} has no .safetensors weights (nor ESFT ep<rank> directories)")
+        self.files: dict[str, tuple[Path, str]] = {}  # tensor name ("model." prefixed) -> (file, key in the file)
+        for part in parts:
+            index = part / "model.safetensors.index.json"
+            if index.is_file():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                keys = {name: part / file for name, file in weight_map.items()}
+            else:
+                keys = {}
+                for file in sorted(part.glob("*.safetensors")):
+                    with safe_open(str(file), framework="pt") as f:
+                        keys.update({name: file for name in f.keys()})
+            for key, file in keys.items():
+                self.files["model." + key if key.startswith("layers.") else key] = (file, key)
+        self.config_dir = next((part for part in parts if (part / "config.json").is_file()), None)
 
     def get(self, *names: str) -> torch.Tensor | None:
         """The first of `names` the checkpoint has, or None."""
         for name in names:
             if name in self.files:
-                with safe_open(str(self.files[name]), framework="pt") as f:
-                    return f.get_tensor(name)
+                file, key = self.files[name]
+                with safe_open(str(file), framework="pt") as f:
+                    return f.get_tensor(key)
         return None
 
     def expert(self, layer: int, expert: int, proj: str) -> torch.Tensor:
@@ -93,19 +113,24 @@ class _Checkpoint:
 
 def import_reference(
     model_dir: str | Path, expert_config: str | Path, out_dir: str | Path, kind: str | None = None,
-    base_model_name: str | None = None,
+    base_model_name: str | None = None, base_model: str | Path | None = None,
 ) -> AdapterConfig:  # fmt: skip
-    """Writes an adapter directory holding the experts `expert_config` lists, read from the full ESFT-trained
-    checkpoint `model_dir`. kind ("gate" / "token") names the method; default: the JSON's, else "gate"."""
+    """Writes an adapter directory holding the experts `expert_config` lists, read from the ESFT-trained checkpoint
+    `model_dir` (any layout _Checkpoint reads). kind ("gate" / "token") names the method; default: the JSON's, else
+    "gate". The base fingerprint comes from `base_model` (a base model directory) when given, else from the
+    checkpoint's config.json, which the reference's checkpoints write in transformers 4's (remote-code) form: for
+    those, and for checkpoints without one, name the base model."""
     model_dir = Path(model_dir)
     selection = ExpertConfig.load(expert_config)
     kind = kind or selection.score_kind or "gate"
-    model_config = AutoConfig.from_pretrained(model_dir)
-    if base_model_name:
-        model_config._name_or_path = base_model_name
+    checkpoint = _Checkpoint(model_dir)
+    if base_model is None and checkpoint.config_dir is None:
+        raise ValueError(f"{model_dir} has no config.json: name the base model it was trained from (--base)")
+    model_config = AutoConfig.from_pretrained(base_model if base_model is not None else checkpoint.config_dir)
+    if base_model_name or base_model is not None:
+        model_config._name_or_path = base_model_name or str(base_model)
     skeleton = _skeleton(model_config)
     check_experts(skeleton, selection.experts)
-    checkpoint = _Checkpoint(model_dir)
 
     tensors: dict[str, torch.Tensor] = {}
     for layer, ids in sorted(selection.experts.items()):
@@ -142,15 +167,40 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         for file in base_dir.glob(pattern):
             if file.is_file():
                 shutil.copy2(file, out_dir / file.name)
-    ExpertConfig(
+    _expert_config_of(config).save(out_dir / REFERENCE_CONFIG_NAME)
+    logger.info("wrote %s merged with %s to %s", base_dir, adapter_dir, out_dir)
+    return out_dir
+
+
+def export_reference(adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Writes the adapter in the reference's own layout: the trained tensors only (the listed experts, plus shared
+    experts and non-expert modules when trained), under the names the reference's to_esft model keeps as
+    parameters, in model.safetensors, with expert_cfg.json; its add_adapter loads them with a strict
+    load_state_dict."""
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    config = AdapterConfig.load(adapter_dir)
+    if not config.is_esft:
+        raise ValueError(f"{adapter_dir} is a {config.method} adapter, not ESFT")
+    tensors = {k: t.contiguous() for k, t in read_tensors(adapter_dir).items() if not k.startswith("esft.")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / REFERENCE_WEIGHTS_NAME), metadata={"format": "pt"})
+    _expert_config_of(config).save(out_dir / REFERENCE_CONFIG_NAME)
+    logger.info("wrote %d tensors of %s in the ESFT reference layout to %s", len(tensors), adapter_dir, out_dir)
+    return out_dir
+
+
+def _expert_config_of(config: AdapterConfig) -> ExpertConfig:
+    return ExpertConfig(
         experts={int(layer): ids for layer, ids in (config.experts or {}).items()},
         shared_experts=config.train_shared_experts,
         non_expert_modules=config.train_non_expert_modules,
         score_kind=config.score_kind,
         threshold=config.threshold,
-    ).save(out_dir / REFERENCE_CONFIG_NAME)
-    logger.info("wrote %s merged with %s to %s", base_dir, adapter_dir, out_dir)
-    return out_dir
+    )
+
+
+def _has_weights(directory: Path) -> bool:
+    return any(directory.glob("*.safetensors"))
 
 
 def _skeleton(model_config) -> PreTrainedModel:
