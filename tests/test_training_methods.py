@@ -181,13 +181,14 @@ def test_trainer_loss_on_a_packed_batch_equals_the_samples_alone(tiny_dir, task_
     model = AutoModelForCausalLM.from_pretrained(tiny_dir("qwen2_moe"))
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir("qwen2_moe"))
     method = get_method("mola")
-    method.prepare(model, MethodOptions(method="mola", aux_loss_coef=0.0), [])
+    config = method.prepare(model, MethodOptions(method="mola", aux_loss_coef=0.0), [])
     data = build_training_data(tokenizer, DataConfig(task_file, max_seq_len=64))
     train_args = TrainArgs(MethodOptions(method="mola"), tiny_dir("qwen2_moe"), task_file, tmp_path)
     args = _training_arguments(train_args, 1e-3)
     trainer = AdapterTrainer(
-        model=model, args=args, train_dataset=data.dataset, data_collator=data.collator, method=method
-    )
+        model=model, args=args, train_dataset=data.dataset, data_collator=data.collator, method=method,
+        adapter_config=config,
+    )  # fmt: skip
     block = data.dataset[0]
     assert len(block["sample_lengths"]) > 1
     batch = data.collator([block])

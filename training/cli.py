@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -36,7 +37,9 @@ them when named (a rank-r LoRA per expert, PEFT's target_parameters; `down_proj`
 the shared expert's linear); the LoRA-expert methods do not; ESFT fine-tunes whole routed experts.
 
 The data is JSONL: {"prompt", "completion"} or {"messages": [...]} records, optional "type" 0/1 (LoRAMoE).
-Checkpoints go to OUT/checkpoints; --resume continues from the last one. The adapter is written to OUT.
+Checkpoints go to OUT/checkpoints, each also a servable adapter directory; --resume continues from the last one
+(refusing another run's), an OUT with files needs --resume or --overwrite. The adapter is written to OUT.
+Under torchrun (e.g. torchrun --nproc-per-node 2 -m moeserve.cli train ...) rank 0 writes files and the summary.
 """
 
 
@@ -90,6 +93,12 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     loop.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
     loop.add_argument("--logging-steps", type=int, default=10)
     loop.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
+    loop.add_argument("--overwrite", action="store_true",
+                      help="train into an OUT that holds files (its adapter, checkpoints removed)")  # fmt: skip
+    loop.add_argument("--eval-split", type=float, default=0.0, metavar="FRACTION",
+                      help="hold out this share of the samples; eval loss at checkpoints and the end")  # fmt: skip
+    loop.add_argument("--report-to", type=_names, default=["none"],
+                      help="Trainer integrations: tensorboard,wandb,mlflow,... (default none)")  # fmt: skip
     loop.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base weights")
     loop.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     loop.add_argument("--fp16", action="store_true", help="fp16 mixed precision")
@@ -145,7 +154,8 @@ def train_args_from_namespace(args: argparse.Namespace):
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, lr_scheduler=args.lr_scheduler,
         seed=args.seed, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
         logging_steps=args.logging_steps, resume=args.resume, dtype=args.dtype, bf16=args.bf16, fp16=args.fp16,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, eval_split=args.eval_split, report_to=args.report_to,
+        overwrite=args.overwrite,
     )  # fmt: skip
 
 
@@ -153,10 +163,13 @@ def run_train(args: argparse.Namespace) -> int:
     from moeserve.training.trainer import train
 
     result = train(train_args_from_namespace(args))
+    if not result.is_main_process:  # under torchrun, rank 0 reports
+        return 0
+    evaluated = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"
     print(
         f"{result.method} adapter written to {result.out_dir}: {result.trainable_params:,} trainable parameters "
         f"({100 * result.trainable_share:.3f}% of {result.total_params:,}), {result.adapter_bytes / 1024:.1f} KiB, "
-        f"{result.global_step} steps in {result.wall_time_s:.1f} s, final loss {result.final_loss:.4f}"
+        f"{result.global_step} steps in {result.wall_time_s:.1f} s, final loss {result.final_loss:.4f}{evaluated}"
     )
     return 0
 
@@ -224,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_train_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under torchrun every rank runs this; only rank 0 tells the story (the others still warn).
+    level = args.log_level if os.environ.get("RANK", "0") == "0" else "WARNING"
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ValueError, OSError) as exc:

@@ -73,6 +73,7 @@ class DataConfig:
     general_data: Path | None = None  # general data mixed in (the ESFT paper mixes alignment data 1:1)
     mix_ratio: float = 1.0  # general samples per task sample, when general_data is given
     seed: int = 0  # shuffling and general-data sampling
+    eval_split: float = 0.0  # share of the (shuffled) samples held out for evaluation; at least one when > 0
 
     def __post_init__(self) -> None:
         if self.max_seq_len < 2:
@@ -289,8 +290,9 @@ class TrainingData:
     dataset: PackedDataset
     collator: PackedCollator
     task_token_ids: list[list[int]]  # the task samples' tokens, prompt included (ESFT scores its experts on them)
-    num_samples: int  # task + general samples packed
+    num_samples: int  # task + general samples packed for training
     num_tokens: int
+    eval_dataset: PackedDataset | None = None  # the held-out samples, packed (None without eval_split)
 
 
 def build_training_data(tokenizer: PreTrainedTokenizerBase, config: DataConfig) -> TrainingData:
@@ -302,6 +304,13 @@ def build_training_data(tokenizer: PreTrainedTokenizerBase, config: DataConfig) 
         general = load_samples(config.general_data, tokenizer, config.max_seq_len)
         samples = mix_general(task, general, config.mix_ratio, rng)
     rng.shuffle(samples)
+    held_out: list = []
+    if config.eval_split > 0:
+        count = max(1, round(config.eval_split * len(samples)))
+        if count >= len(samples):
+            raise ValueError(f"eval_split {config.eval_split} leaves no training sample of {len(samples)}")
+        held_out, samples = samples[:count], samples[count:]
+        logger.info("%d samples held out for evaluation", count)
     blocks = pack(samples, config.max_seq_len)
     num_tokens = sum(len(s.input_ids) for s in samples)
     logger.info(
@@ -316,4 +325,5 @@ def build_training_data(tokenizer: PreTrainedTokenizerBase, config: DataConfig) 
         task_token_ids=[s.input_ids for s in task],
         num_samples=len(samples),
         num_tokens=num_tokens,
+        eval_dataset=PackedDataset(pack(held_out, config.max_seq_len)) if held_out else None,
     )

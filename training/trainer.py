@@ -5,15 +5,25 @@ Mixed precision, gradient accumulation, LR schedules, logging, progress bars, ch
 
 - `AdapterTrainer.compute_loss` adds the method's auxiliary loss (MoLA balancing, LoRAMoE's LBC) to the LM loss,
   after taking the packing metadata (sample_index, sample_type) out of the batch the model sees.
-- Checkpoints under `<out>/checkpoints/checkpoint-<step>/` hold the trainable tensors only (plus Trainer's
-  optimizer, scheduler, RNG and trainer state), not a copy of the base model; `--resume` loads the last one.
-- At the end the method writes the adapter (adapter_config.json + adapter_model.safetensors) to `<out>`.
+- Checkpoints under `<out>/checkpoints/checkpoint-<step>/` hold the trainable tensors (plus Trainer's optimizer,
+  scheduler, RNG and trainer state), not a copy of the base model, and the adapter as the method writes it, so a
+  checkpoint directory serves as it is. `--resume` loads the last one; it refuses a checkpoint another run wrote
+  (another method, adapter settings or base model: `moeserve_run.json`) and continues the learning-rate schedule
+  of the run as now configured (a changed `--max-steps` included) from the checkpoint's step, rather than first
+  taking one step at the learning rate the old schedule had left in the optimizer state.
+- An output directory that already holds files needs `overwrite` (its old checkpoints are removed) or `resume`.
+- `eval_split` holds out that share of the samples; their loss is logged as `eval_loss` at every checkpoint and
+  at the end.
+- At the end the method writes the adapter (adapter_config.json + adapter_model.safetensors) to `<out>`. Under
+  torchrun, files and the summary come from rank 0 only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +42,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from moeserve.adapters import CONFIG_NAME, WEIGHTS_NAME
+from moeserve.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
 from moeserve.training.data import DataConfig, build_training_data
 from moeserve.training.method import AdapterMethod, MethodOptions
 from moeserve.training.methods import DEFAULT_LEARNING_RATES, get_method
@@ -41,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINABLE_STATE_NAME = "trainable_state.safetensors"  # a checkpoint's trainable tensors, by parameter name
+RUN_NAME = "moeserve_run.json"  # a checkpoint's run identity: method, adapter settings, base model
 _PACKING_KEYS = ("sample_index", "sample_type")  # batch entries for the aux losses, not model inputs
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,12 +85,19 @@ class TrainArgs:
     bf16: bool = False  # mixed precision
     fp16: bool = False
     gradient_checkpointing: bool = False
+    eval_split: float = 0.0  # share of the samples held out for evaluation (0: none)
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # Trainer integrations: tensorboard, wandb, ...
+    overwrite: bool = False  # train into an output directory that already holds files (its checkpoints removed)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("give a positive number of epochs or max_steps")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ValueError(f"eval_split is a share of the samples in [0, 1), got {self.eval_split}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume continues the run in the output directory; overwrite discards it: pick one")
 
 
 @dataclass
@@ -94,6 +112,8 @@ class TrainResult:
     global_step: int
     train_loss: float  # mean over the run (Trainer's training_loss)
     final_loss: float  # the last logged loss (mean over the last logging window; the run's mean if none was logged)
+    eval_loss: float | None = None  # on the held-out samples at the end (None without eval_split)
+    is_main_process: bool = True  # rank 0 of a distributed run (it alone writes files and prints the summary)
     log_history: list[dict] = field(default_factory=list, repr=False)
     model: PreTrainedModel | None = field(default=None, repr=False)  # the trained model, in eval mode
 
@@ -101,9 +121,11 @@ class TrainResult:
 class AdapterTrainer(Trainer):
     """Trainer + an adapter method: adds its auxiliary loss; checkpoints only the trainable tensors."""
 
-    def __init__(self, *args, method: AdapterMethod, **kwargs) -> None:
+    def __init__(self, *args, method: AdapterMethod, adapter_config: AdapterConfig | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.method = method
+        # None: not an adapter (full fine-tuning): checkpoints hold the trainable tensors only, resume checks nothing.
+        self.adapter_config = adapter_config
         self._aux_sum = 0.0
         self._aux_count = 0
 
@@ -115,7 +137,7 @@ class AdapterTrainer(Trainer):
         inputs["use_cache"] = False
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         aux = self.method.aux_loss(self.accelerator.unwrap_model(model), {**inputs, **packing})
-        if aux is not None:
+        if aux is not None and model.training:  # eval_loss is the LM loss
             self._aux_sum += aux.detach().item()
             self._aux_count += 1
             # The LM loss may already be normalised over all accumulated micro-batches; the aux loss is a per-batch
@@ -125,7 +147,7 @@ class AdapterTrainer(Trainer):
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or bool(
                     self.compute_loss_func
                 )
-            if scaled and model.training:
+            if scaled:
                 aux = aux / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
             loss = loss + aux
         return (loss, outputs) if return_outputs else loss
@@ -147,11 +169,16 @@ class AdapterTrainer(Trainer):
         source = state_dict if state_dict is not None else dict(self.model.named_parameters())
         tensors = {name: source[name].detach().cpu().contiguous() for name in self._trainable_names()}
         save_file(tensors, os.path.join(output_dir, TRAINABLE_STATE_NAME), metadata={"format": "pt"})
+        if self.adapter_config is not None:
+            Path(output_dir, RUN_NAME).write_text(json.dumps(run_identity(self.adapter_config), indent=2) + "\n")
+            self.method.save(self.model, self.adapter_config, Path(output_dir))  # the checkpoint serves as it is
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = os.path.join(resume_from_checkpoint, TRAINABLE_STATE_NAME)
         if not os.path.isfile(path):
             raise ValueError(f"{resume_from_checkpoint} is not a moeserve checkpoint: it has no {TRAINABLE_STATE_NAME}")
+        if self.adapter_config is not None:
+            check_same_run(Path(resume_from_checkpoint), self.adapter_config)
         model = model or self.model
         tensors = load_file(path)
         names = set(self._trainable_names())
@@ -165,6 +192,55 @@ class AdapterTrainer(Trainer):
             for name, value in tensors.items():
                 params[name].copy_(value)
         logger.info("resumed %d trainable tensors from %s", len(tensors), resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """After Trainer restores the optimizer and scheduler, the optimizer's learning rates are the schedule's at
+        the resumed step: the optimizer state holds the rates the *old* schedule set last (0 at the end of a
+        finished linear schedule), which the first step after resuming would use otherwise."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = self.lr_scheduler
+        if checkpoint is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        rates = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates
+
+
+def run_identity(config: AdapterConfig) -> dict:
+    """What makes two runs the same run for --resume: the adapter settings and the base model (not its path)."""
+    data = config.to_dict()
+    data.pop("base_model_name", None)
+    return data
+
+
+def check_same_run(checkpoint: Path, config: AdapterConfig) -> None:
+    """ValueError unless `checkpoint` was written by a run with this adapter config and base model."""
+    path = checkpoint / RUN_NAME
+    if not path.is_file():
+        raise ValueError(f"{checkpoint} has no {RUN_NAME}: it was not written by this moeserve, refusing to resume")
+    saved, ours = json.loads(path.read_text()), json.loads(json.dumps(run_identity(config)))
+    differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+    if differ:
+        what = "; ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} now" for k in differ)
+        raise ValueError(
+            f"{checkpoint} belongs to a different run ({what}): train into another --out, or --overwrite to discard it"
+        )
+
+
+def prepare_output_dir(args: TrainArgs, is_main: bool) -> None:
+    """Refuses an output directory with an old run's files unless resuming or overwriting (then removes them)."""
+    out = Path(args.out)
+    if args.resume or not out.is_dir() or not any(out.iterdir()):
+        return
+    if not args.overwrite:
+        raise ValueError(
+            f"{out} already holds files (an earlier run?): --resume to continue it, --overwrite to replace it"
+        )
+    if is_main:
+        shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            (out / name).unlink(missing_ok=True)
 
 
 def _training_arguments(args: TrainArgs, lr: float) -> TrainingArguments:
@@ -189,7 +265,10 @@ def _training_arguments(args: TrainArgs, lr: float) -> TrainingArguments:
         fp16=args.fp16,
         activation_checkpointing=args.gradient_checkpointing,
         remove_unused_columns=False,  # the packing metadata reaches compute_loss, which removes it
-        report_to="none",
+        report_to=list(args.report_to),
+        eval_strategy="steps" if args.eval_split > 0 else "no",
+        eval_steps=args.save_steps if args.eval_split > 0 else None,
+        per_device_eval_batch_size=args.batch_size,
         dataloader_pin_memory=torch.cuda.is_available(),
         # Trainer refuses --bf16 on a CPU-only machine unless told it is training on the CPU.
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
@@ -204,12 +283,14 @@ def train(args: TrainArgs, callbacks: Sequence[TrainerCallback] = ()) -> TrainRe
     """Trains one adapter and writes it to args.out; returns (and logs) a summary."""
     start = time.perf_counter()
     method_name = args.options.method
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    prepare_output_dir(args, is_main)
     set_seed(args.seed)  # the adapter's random init comes from this seed
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_DTYPES[args.dtype])
     data = build_training_data(
         tokenizer,
-        DataConfig(args.data, args.max_seq_len, args.general_data, args.mix_ratio, args.seed),
+        DataConfig(args.data, args.max_seq_len, args.general_data, args.mix_ratio, args.seed, args.eval_split),
     )
     method = get_method(method_name)
     adapter_config = method.prepare(model, args.options, data.task_token_ids)
@@ -217,7 +298,9 @@ def train(args: TrainArgs, callbacks: Sequence[TrainerCallback] = ()) -> TrainRe
     total = sum(p.numel() for p in model.parameters())
     if trainable == 0:
         raise ValueError(f"{method_name} left no trainable parameter in the model")
-    logger.info("%s: %d trainable parameters of %d (%.3f%%)", method_name, trainable, total, 100 * trainable / total)
+    if is_main:
+        share = 100 * trainable / total
+        logger.info("%s: %d trainable parameters of %d (%.3f%%)", method_name, trainable, total, share)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()  # the frozen embeddings would otherwise cut the gradient at checkpoints
 
@@ -227,9 +310,11 @@ def train(args: TrainArgs, callbacks: Sequence[TrainerCallback] = ()) -> TrainRe
         model=model,
         args=training_args,
         train_dataset=data.dataset,
+        eval_dataset=data.eval_dataset,
         data_collator=data.collator,
         callbacks=list(callbacks),
         method=method,
+        adapter_config=adapter_config,
     )
     resume_from = None
     if args.resume:
@@ -239,9 +324,11 @@ def train(args: TrainArgs, callbacks: Sequence[TrainerCallback] = ()) -> TrainRe
         else:
             logger.info("resuming from %s", resume_from)
     output = trainer.train(resume_from_checkpoint=resume_from)
+    eval_loss = trainer.evaluate()["eval_loss"] if data.eval_dataset is not None else None
 
     model.eval()
-    if trainer.is_world_process_zero():
+    is_main = trainer.is_world_process_zero()
+    if is_main:
         method.save(model, adapter_config, Path(args.out))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result = TrainResult(
@@ -250,14 +337,18 @@ def train(args: TrainArgs, callbacks: Sequence[TrainerCallback] = ()) -> TrainRe
         trainable_params=trainable,
         total_params=total,
         trainable_share=trainable / total,
-        adapter_bytes=adapter_bytes(Path(args.out)) if trainer.is_world_process_zero() else 0,
+        adapter_bytes=adapter_bytes(Path(args.out)) if is_main else 0,
         wall_time_s=time.perf_counter() - start,
         global_step=trainer.state.global_step,
         train_loss=output.training_loss,
         final_loss=losses[-1] if losses else output.training_loss,
+        eval_loss=eval_loss,
+        is_main_process=is_main,
         log_history=list(trainer.state.log_history),
         model=model,
     )
+    if not is_main:
+        return result
     logger.info(
         "%s done in %.1f s, %d steps: %d trainable parameters (%.3f%% of %d), adapter %.1f KiB on disk in %s, "
         "final loss %.4f (mean over the run %.4f)",
