@@ -127,6 +127,7 @@ def run_one(base: Path, task: str, method: str, lr: float, cfg: argparse.Namespa
         seed=cfg.seed,
         save_steps=10**9,
         logging_steps=max(1, cfg.steps // 10),
+        overwrite=True,  # a run again with the same settings retrains
     )
     if method == "fft":
         trainable, total, seconds, loss = train_full(args)

@@ -178,6 +178,7 @@ def train_adapters(config: DemoConfig) -> list[TrainedAdapter]:
                 seed=config.seed,
                 save_steps=10**9,  # the demo keeps only the final adapter
                 logging_steps=max(1, config.max_steps // 10),
+                overwrite=True,  # a demo run again retrains into its own work directory
             )
         )
         trained.append(

@@ -5,6 +5,8 @@ vLLM reads, and all of it in one batch with an ESFT adapter, a MoLoRA adapter an
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 import torch
@@ -100,6 +102,12 @@ def served(request, tiny_dir, tmp_path_factory):
     if arch in ("olmoe", "mixtral"):
         dirs["per_expert"] = per_expert_layout(base, dirs["experts"], root / "per_expert", arch)
         refs["per_expert"] = refs["experts"]
+    if arch == "olmoe":  # the other kinds, served beside expert LoRA
+        dirs["esft"], refs["esft"] = make_esft(base, root / "esft", seed=50)
+        dirs["molora"] = make_adapter(base, root / "molora", "molora", arch, [[5, 6, 7, 8, 9]])
+        ref = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        refs["molora"] = get_method("molora").apply(ref, AdapterConfig.load(dirs["molora"]), dirs["molora"]).eval()
+    refs["base"] = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     engine_config = EngineConfig(
         model=str(base), cache=CacheConfig(block_size=4, num_blocks=128), scheduler=SchedulerConfig(max_model_len=64)
     )
@@ -111,21 +119,30 @@ def served(request, tiny_dir, tmp_path_factory):
         yield arch, base, refs, offline, server
 
 
+def _complete(http: httpx.Client, model: str, prompt: str) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
+    r = http.post("/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
 def test_peft_offline_and_http_greedy_tokens_agree(served):
     arch, base, refs, offline, server = served
     tok = offline.tokenizer
-    base_ref = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    expected = {(name, p): hf_greedy(ref, tok, p, TOKENS) for name, ref in refs.items() for p in PROMPTS}
+    offline_texts = {}
     with httpx.Client(base_url=f"{server.url}/v1", timeout=60) as http:
-        for name, ref in refs.items():
-            for prompt in PROMPTS:
-                expected = hf_greedy(ref, tok, prompt, TOKENS)
-                assert expected != hf_greedy(base_ref, tok, prompt, TOKENS) or prompt != PROMPTS[0], name
-                got = offline.generate(prompt, greedy(), adapter=name)[0].outputs[0]
-                assert got.token_ids == expected, (arch, name, prompt)
-                r = http.post("/completions", json={"model": name, "prompt": prompt, "max_tokens": TOKENS,
-                                                    "temperature": 0, "ignore_eos": True})  # fmt: skip
-                assert r.status_code == 200, r.text
-                assert r.json()["choices"][0]["text"] == got.text, (arch, name, prompt)
+        for (name, prompt), tokens in expected.items():
+            if name != "base":
+                assert tokens != expected[("base", prompt)] or prompt != PROMPTS[0], name  # the adapter does act
+            got = offline.generate(prompt, greedy(), adapter=None if name == "base" else name)[0].outputs[0]
+            assert got.token_ids == tokens, (arch, name, prompt)
+            assert _complete(http, name, prompt) == got.text, (arch, name, prompt)
+            offline_texts[(name, prompt)] = got.text
+        # Every request at once: the server batches expert LoRA with the other kinds and the base.
+        with ThreadPoolExecutor(len(expected)) as pool:
+            texts = dict(zip(expected, pool.map(lambda job: _complete(http, *job), expected)))
+    assert texts == offline_texts
 
 
 def test_expert_lora_in_one_batch_with_esft_molora_and_base(tiny_dir, tmp_path):
