@@ -57,7 +57,8 @@ def make_peft_lora(
     lora_kwargs go to LoraConfig (target_parameters, rank_pattern, alpha_pattern, use_rslora, ...)."""
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), **lora_kwargs)
+    targets = targets if isinstance(targets, str) else list(targets)  # a string: PEFT's shorthand, "all-linear"
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, **lora_kwargs)
     model = get_peft_model(base, config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """LoRA on routed experts and PEFT's full LoRA config, served: greedy tokens of PEFT (PeftModel on transformers) ==
 moeserve offline == moeserve over HTTP, for PEFT target_parameters adapters on the fused expert tables (olmoe,
-qwen2_moe with its shared expert, mixtral), rank_pattern + alpha_pattern, use_rslora, the per-expert key layout
-vLLM reads, and all of it in one batch with an ESFT adapter, a MoLoRA adapter and the base model."""
+qwen2_moe with its shared expert, mixtral), PEFT's all-linear (which adds the router weight), rank_pattern +
+alpha_pattern, use_rslora, the per-expert key layout vLLM reads, and all of it in one batch with an ESFT adapter,
+a MoLoRA adapter and the base model."""
 
 from __future__ import annotations
 
@@ -102,6 +103,11 @@ def served(request, tiny_dir, tmp_path_factory):
     if arch in ("olmoe", "mixtral"):
         dirs["per_expert"] = per_expert_layout(base, dirs["experts"], root / "per_expert", arch)
         refs["per_expert"] = refs["experts"]
+    if arch in ("olmoe", "qwen2_moe"):  # PEFT's all-linear: on OLMoE the expert tables and router weight as parameters
+        made = make_peft_lora(base, root / "all_linear", seed=60, targets="all-linear")
+        dirs["all_linear"], refs["all_linear"] = made
+        if arch == "olmoe":
+            assert "gate.weight" in AdapterConfig.load(made[0]).extra["target_parameters"]
     if arch == "olmoe":  # the other kinds, served beside expert LoRA
         dirs["esft"], refs["esft"] = make_esft(base, root / "esft", seed=50)
         dirs["molora"] = make_adapter(base, root / "molora", "molora", arch, [[5, 6, 7, 8, 9]])

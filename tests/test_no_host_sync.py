@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_factory import make_peft_expert_lora
+from adapter_factory import EXPERT_TABLES, make_peft_expert_lora
 from test_adapter_methods_serving import make_adapter
 from test_attention_rows import SyncError, no_syncs, sync_origin
 
@@ -26,8 +26,9 @@ def test_mixed_adapter_decode_step_has_no_host_sync(tiny_dir, tmp_path, arch, mo
     llm = LLM(base, num_kv_blocks=64, max_model_len=64, max_adapters=len(methods), max_cpu_adapters=len(methods))
     seqs = [llm.tokenizer.encode("The list type is"), llm.tokenizer.encode("x y")]
     for method in methods:
-        if method == "expert-lora":  # LoRA on the routed experts (PEFT target_parameters)
-            path, _ = make_peft_expert_lora(base, tmp_path / method, seed=3, targets=("o_proj",))
+        if method == "expert-lora":  # LoRA on the routed experts and the router (PEFT target_parameters)
+            tables = [*EXPERT_TABLES, "mlp.gate.weight"]
+            path, _ = make_peft_expert_lora(base, tmp_path / method, 3, targets=("o_proj",), target_parameters=tables)
         else:
             path = make_adapter(base, tmp_path / method, method, arch, seqs)
         llm.engine.adapters.register(method, path)

@@ -24,6 +24,7 @@ from moeserve.adapters.config import AdapterError
 from moeserve.adapters.expert_lora_slots import ExpertLoRASlots
 from moeserve.adapters.expert_overlay import ExpertOverlay
 from moeserve.adapters.lora_slots import AdaptedLinear
+from moeserve.adapters.router_lora_slots import RouterLoRASlots
 from moeserve.adapters.weights import LoadedAdapter, load_adapter
 from moeserve.models.decoder import DecoderForCausalLM
 from moeserve.models.moe import SparseMoeBlock
@@ -104,6 +105,7 @@ class AdapterManager:
         self._overlays: dict[int, ExpertOverlay] = {}
         self._linears: dict[str, AdaptedLinear] = {}
         self._expert_loras: dict[int, ExpertLoRASlots] = {}
+        self._router_loras: dict[int, RouterLoRASlots] = {}
 
     # --- registry ---
 
@@ -161,6 +163,9 @@ class AdapterManager:
                     f"adapter has {w.num_experts} experts at {path}, above --max-lora-experts "
                     f"{self.limits.max_lora_experts}"
                 )
+        for layer, w in weights.router_lora.items():
+            if w.rank > self.limits.max_lora_rank:
+                raise AdapterError(f"adapter rank {w.rank} on the router of layer {layer} is above --max-lora-rank")
         for layer, w in weights.expert_lora.items():
             rank = max(t.shape[1] for t in (w.a13, w.a2) if t is not None)
             if rank > self.limits.max_lora_rank:
@@ -236,6 +241,8 @@ class AdapterManager:
             self._linear(path).load(index, w)
         for layer, w in weights.expert_lora.items():
             self._expert_lora(layer).load(index, w)
+        for layer, w in weights.router_lora.items():
+            self._router_lora(layer).load(index, w)
         slot.ref = ref
         self.stats.loads += 1
         return True
@@ -251,6 +258,8 @@ class AdapterManager:
             linear.unload(index)
         for expert_lora in self._expert_loras.values():
             expert_lora.unload(index)
+        for router_lora in self._router_loras.values():
+            router_lora.unload(index)
         slot.ref = None
 
     def _host_weights(self, ref: AdapterRef) -> LoadedAdapter:
@@ -294,6 +303,13 @@ class AdapterManager:
             block.expert_lora = ExpertLoRASlots(block, self.max_slots)
             self._expert_loras[layer] = block.expert_lora
         return self._expert_loras[layer]
+
+    def _router_lora(self, layer: int) -> RouterLoRASlots:
+        if layer not in self._router_loras:
+            router = self.model.model.layers[layer].mlp.gate
+            router.lora = RouterLoRASlots(router, self.max_slots)
+            self._router_loras[layer] = router.lora
+        return self._router_loras[layer]
 
     def _linear(self, path: str) -> AdaptedLinear:
         if path not in self._linears:

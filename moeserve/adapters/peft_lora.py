@@ -8,6 +8,8 @@ Three kinds of LoRA tensors are read (`base_model.model.` prefix, PEFT's names w
   `ParamWrapper`; several targets on one module nest as `experts.base_layer.lora_A`):
   `lora_A.weight [r*E, in]` (row e*r + i), `lora_B.weight [out, r*E]` (column i*E + e: PEFT reads it as
   `weight_B.reshape(out, r, E)`); which table a pair adapts is read from its shapes;
+- the router weight (`target_parameters` `mlp.gate.weight`, which PEFT's `all-linear` adds where the router is not
+  an nn.Linear: OLMoE, Qwen-MoE): `mlp.gate.lora_A.weight [r, H]`, `.lora_B.weight [E, r]`, a delta on the logits;
 - per-expert linears (`experts.{e}.gate_proj` / `up_proj` / `down_proj`, or Mixtral's `w1` / `w3` / `w2`, the
   layout vLLM's FusedMoE LoRA reads): gate and up of an expert are stacked into one w13 LoRA of rank r_gate + r_up
   with a block-diagonal B.
@@ -32,6 +34,7 @@ from moeserve.adapters.config import FORMAT_VERSION, AdapterConfig, AdapterError
 from moeserve.adapters.weights import ExpertLoRAWeights, LoadedAdapter, ModuleWeights, expect, find_linear
 from moeserve.models.decoder import DecoderForCausalLM
 from moeserve.models.moe import Experts
+from moeserve.models.router import Router
 
 # LoraConfig fields that change what the adapter computes in ways the serving path does not: field -> why.
 REFUSED = {
@@ -121,9 +124,17 @@ def load_peft_lora(adapter: LoadedAdapter, model: DecoderForCausalLM) -> None:
             raise AdapterError(f"LoRA adapter has only {sorted(ab)} for {name!r}")
         a, b = ab["lora_A"], ab["lora_B"]
         table = name.replace(".base_layer", "")
-        experts = _experts_module(model, table)
+        experts = _module(model, table, Experts)
         if experts is not None:
             _load_fused(adapter, config, model, table, experts, a, b)
+            continue
+        router = _module(model, table, Router)
+        if router is not None:  # target_parameters on the router weight (PEFT's all-linear on OLMoE, Qwen-MoE)
+            layer = next(i for i, block in enumerate(model.model.layers) if getattr(block.mlp, "gate", None) is router)
+            a = expect(a, (a.shape[0], router.weight.shape[1]), f"{name}.lora_A.weight")
+            b = expect(b, (router.weight.shape[0], a.shape[0]), f"{name}.lora_B.weight")
+            scale = _scale_for(config, f"{table}.weight", len(a))
+            adapter.router_lora[layer] = ModuleWeights(lora_a=a[None], lora_b=b[None], scale=scale)
             continue
         m = _PER_EXPERT.match(model.checkpoint_key(f"{name}.weight").removesuffix(".weight"))
         if m is not None:
@@ -138,12 +149,13 @@ def load_peft_lora(adapter: LoadedAdapter, model: DecoderForCausalLM) -> None:
         _load_per_expert(adapter, model, layer, experts)
 
 
-def _experts_module(model: DecoderForCausalLM, name: str) -> Experts | None:
+def _module(model: DecoderForCausalLM, name: str, kind: type):
+    """Our module of kind `kind` that the PEFT module name `name` means, or None."""
     try:
         module = model.get_submodule(model.checkpoint_key(name))
     except AttributeError:
         return None
-    return module if isinstance(module, Experts) else None
+    return module if isinstance(module, kind) else None
 
 
 def _layer_of(model: DecoderForCausalLM, experts: Experts) -> int:

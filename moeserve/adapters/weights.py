@@ -71,6 +71,7 @@ class LoadedAdapter:
     experts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # ESFT
     modules: dict[str, ModuleWeights] = field(default_factory=dict)  # our module path -> its delta
     expert_lora: dict[int, ExpertLoRAWeights] = field(default_factory=dict)  # MoE layer -> LoRA on its experts
+    router_lora: dict[int, ModuleWeights] = field(default_factory=dict)  # MoE layer -> LoRA on its router weight
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +80,7 @@ class LoadedAdapter:
             tensors += [t for t in (m.lora_a, m.lora_b, m.ia3, m.router) if t is not None]
         for w in self.expert_lora.values():
             tensors += w.tensors()
+        tensors += [t for m in self.router_lora.values() for t in (m.lora_a, m.lora_b)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

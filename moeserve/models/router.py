@@ -30,12 +30,17 @@ class Router(nn.Module):
         super().__init__()
         self.spec = spec
         self.weight = nn.Parameter(torch.zeros(spec.num_experts, hidden_size))  # [E, H]
+        # LoRA on the router weight (moeserve.adapters.router_lora_slots), installed by the adapter manager: adds each
+        # token's adapter delta to the logits, in place.
+        self.lora: nn.Module | None = None
         if spec.correction_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(spec.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> Routing:
         spec = self.spec
         logits = x.float() @ self.weight.float().t()  # [T, E]
+        if self.lora is not None:
+            self.lora(x, logits)
         scores = logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
         choice = scores + self.e_score_correction_bias if spec.correction_bias else scores
         if spec.n_group > 1:
