@@ -126,7 +126,16 @@ def import_reference(
     checkpoint = _Checkpoint(model_dir)
     if base_model is None and checkpoint.config_dir is None:
         raise ValueError(f"{model_dir} has no config.json: name the base model it was trained from (--base)")
-    model_config = AutoConfig.from_pretrained(base_model if base_model is not None else checkpoint.config_dir)
+    if base_model is None:
+        logger.warning(
+            "the fingerprint comes from %s/config.json; if the ESFT reference code wrote it (transformers 4, remote "
+            "code), serving may refuse the adapter: name the base model with --base",
+            checkpoint.config_dir,
+        )
+    try:
+        model_config = AutoConfig.from_pretrained(base_model if base_model is not None else checkpoint.config_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot read the model config for {model_dir} ({exc}): name the base with --base") from exc
     if base_model_name or base_model is not None:
         model_config._name_or_path = base_model_name or str(base_model)
     skeleton = _skeleton(model_config)
