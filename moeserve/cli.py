@@ -98,6 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_methods=args.allowed_methods,
         allowed_headers=args.allowed_headers,
         allow_credentials=args.allow_credentials,
+        tool_call_parser=args.tool_call_parser,
     )
     engine_config = engine_config_from_args(str(model), args)
     if args.replicas is not None:
@@ -119,6 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from moeserve.engine.arg_utils import add_engine_args
+    from moeserve.server.tool_parser import TOOL_PARSERS
     from moeserve.tiny import TINY_ARCHS
 
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__)
@@ -183,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"CORS: allowed {what}, a JSON list as vLLM takes it (default: '[\"*\"]')",
         )
     srv.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    srv.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        default=None,
+        help='parse tool calls out of chat answers (needed for tool_choice "auto"; "required" and named always work)',
+    )
     ray = srv.add_argument_group("many replicas (Ray Serve, docs/deploy.md)")
     ray.add_argument("--replicas", type=int, default=None, help="run N engine replicas behind Ray Serve's proxy")
     ray.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per engine replica")

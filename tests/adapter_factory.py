@@ -50,9 +50,16 @@ def make_esft(base_dir: Path, out: Path, seed: int, experts_per_layer: int = 2) 
 
 
 def make_peft_lora(
-    base_dir: Path, out: Path, seed: int, rank: int = 4, targets=("q_proj", "v_proj", "down_proj"), **lora_kwargs
+    base_dir: Path,
+    out: Path,
+    seed: int,
+    rank: int = 4,
+    targets=("q_proj", "v_proj", "down_proj"),
+    scale: float = 0.2,
+    **lora_kwargs,
 ):
-    """A PEFT LoRA adapter with non-zero B (so it changes the output), and the PEFT model as reference.
+    """A PEFT LoRA adapter with non-zero B (so it changes the output; `scale`: its entries' spread), and the PEFT
+    model as reference.
 
     lora_kwargs go to LoraConfig (target_parameters, rank_pattern, alpha_pattern, use_rslora, ...)."""
     torch.manual_seed(seed)
@@ -64,7 +71,7 @@ def make_peft_lora(
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(scale * torch.randn(p.shape, generator=g))
     model.save_pretrained(out)
     return out, model.eval()
 

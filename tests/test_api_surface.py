@@ -59,7 +59,9 @@ CHAT_HONOURED = {
     "max_tokens": 3,
     "modalities": ["text"],
     "n": 2,
+    "parallel_tool_calls": False,
     "presence_penalty": 0.5,
+    "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA, "strict": True}},
     "safety_identifier": "user-1",
     "seed": 7,
     "service_tier": "auto",
@@ -68,6 +70,8 @@ CHAT_HONOURED = {
     "stream": False,
     "stream_options": {"include_usage": True},
     "temperature": 0.7,
+    "tool_choice": "required",
+    "tools": [TOOL],
     "top_p": 0.9,
     "user": "user-1",
 }
@@ -84,10 +88,6 @@ CHAT_REFUSED = {
     "reasoning_effort": "low",
     "verbosity": "low",
     "web_search_options": {},
-    "parallel_tool_calls": True,
-    "response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": SCHEMA, "strict": True}},
-    "tool_choice": "required",
-    "tools": [TOOL],
 }
 # Values of honoured fields that ask for what we lack, and vLLM fields we do not implement: refused by name.
 CHAT_REFUSED_VALUES = {"modalities": ["text", "audio"], "service_tier": "flex", "store": True}
@@ -98,10 +98,14 @@ UNKNOWN_FIELDS = {"use_beam_search": True, "min_tokens": 2, "chat_template_kwarg
 def server(tiny_dir):
     base = tiny_dir("llama")
     engine_config = EngineConfig(
-        model=str(base), cache=CacheConfig(block_size=4, num_blocks=96), scheduler=SchedulerConfig(max_model_len=96)
+        model=str(base), cache=CacheConfig(block_size=4, num_blocks=256), scheduler=SchedulerConfig(max_model_len=512)
     )
     config = ServerConfig(
-        served_model_name="base", model_path=str(base), api_key=KEY, allowed_origins=["https://app.example"]
+        served_model_name="base",
+        model_path=str(base),
+        api_key=KEY,
+        allowed_origins=["https://app.example"],
+        tool_call_parser="hermes",
     )
     with BackgroundServer(build_server(engine_config, config)) as s:
         yield s
@@ -173,7 +177,7 @@ def test_tokenize_and_detokenize_in_vllm_shapes(server, tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir("llama"))
     r = post(server, "/tokenize", {"model": "base", "prompt": "Hello world", "return_token_strs": True}).json()
     assert r["tokens"] == tok.encode("Hello world") and r["count"] == len(r["tokens"])
-    assert r["max_model_len"] == 96 and r["token_strs"] == tok.convert_ids_to_tokens(r["tokens"])
+    assert r["max_model_len"] == 512 and r["token_strs"] == tok.convert_ids_to_tokens(r["tokens"])
     plain = post(server, "/tokenize", {"prompt": "Hello world", "add_special_tokens": False}).json()
     assert plain["tokens"] == tok.encode("Hello world", add_special_tokens=False) and plain["token_strs"] is None
     chat = post(server, "/tokenize", {"messages": MESSAGES}).json()
@@ -223,7 +227,7 @@ def scrape(server):
 
 def test_cache_metrics(server):
     before, labels = scrape(server)
-    expected = {"block_size": "4", "num_gpu_blocks": "96", "enable_prefix_caching": "True"}
+    expected = {"block_size": "4", "num_gpu_blocks": "256", "enable_prefix_caching": "True"}
     assert labels["vllm:cache_config_info"] == expected
     prompt = "The same long prompt, sent twice, shares its cached blocks."
     for _ in range(2):

@@ -22,6 +22,7 @@ from moeserve.engine.model_runner import ModelRunner
 from moeserve.engine.sampler import Sampler
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.sequence import Sequence
+from moeserve.engine.structured_output import StructuredOutputManager
 from moeserve.models import load_model
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
         )
         self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
+        self.structured: StructuredOutputManager | None = None  # made by the first request with a grammar
         logger.info(
             "engine core ready: %s, %d KV blocks of %d tokens, max_model_len %d",
             spec.model_type,
@@ -94,6 +96,8 @@ class EngineCore:
         """Queues the request; UnknownAdapterError if its adapter is not registered."""
         if request.request_id in self.scheduler.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        spec = request.params.structured_outputs
+        grammar = self._structured().matcher(spec) if spec is not None else None  # ValueError: a bad grammar
         ref = self.adapters.acquire(request.adapter) if request.adapter is not None else None
         seq = Sequence(
             request.request_id,
@@ -103,8 +107,15 @@ class EngineCore:
             adapter=request.adapter,
             adapter_ref=ref,
             arrival_time=request.arrival_time,
+            grammar=grammar,
         )
         self.scheduler.add(seq)
+
+    def _structured(self) -> StructuredOutputManager:
+        if self.structured is None:
+            self.structured = StructuredOutputManager(self.tokenizer, self.model.spec.vocab_size, self.eos_token_ids)
+            self.runner.sampler.structured = self.structured
+        return self.structured
 
     def abort_requests(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

@@ -35,6 +35,8 @@ class EngineCoreOutput:
     first_scheduled_time: float | None = None
     error: str | None = None  # the request failed in the core (an unknown adapter, ...): it is finished
     error_kind: str | None = None  # the exception's class name, for the front end's status code
+    # The prompt's logprobs (one per prompt token, the first None), once, with the request's first output.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:

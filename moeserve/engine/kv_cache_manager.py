@@ -56,9 +56,10 @@ class KVCacheManager:
     def use_cached_prefix(self, seq: Sequence) -> int:
         """Attaches the cached blocks of seq's longest cached prefix; returns how many tokens they hold.
 
-        The last token is always left to compute, so the step that admits the sequence produces its logits.
+        The last token is always left to compute, so the step that admits the sequence produces its logits. A
+        sequence that asked for prompt logprobs computes every prompt token (cached ones would have no logits).
         """
-        if not self.enable_prefix_caching or seq.block_table:
+        if not self.enable_prefix_caching or seq.block_table or seq.prompt_logprobs is not None:
             return 0
         full = (seq.num_tokens - 1) // self.block_size
         for i, block_hash in enumerate(self._block_hashes(seq, full)[:full]):

@@ -10,12 +10,13 @@ itself never reads a device value back to the host.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
 
 import torch
 
 from moeserve.engine.cuda_graphs import DecodeGraphs, cuda_graph_capture
 from moeserve.engine.kv_cache import allocate_kv_cache
+from moeserve.engine.prompt_logprobs import PromptLogprobRows, plan_prompt_logprobs, score_prompt_tokens
 from moeserve.engine.sampler import Sampler
 from moeserve.engine.scheduler import RunnerOutput, ScheduledSeq, SchedulerOutput
 from moeserve.engine.sequence import Sequence
@@ -30,6 +31,7 @@ class ModelInput:
     context: ForwardContext
     sample_indices: torch.Tensor  # [n] index into T of the last token of each sequence that samples this step
     sample_seqs: list[Sequence]  # the n sequences, in the same order
+    prompt_rows: PromptLogprobRows | None = None  # the rows that score prompt tokens (requests asking for them)
 
 
 def decodes_first(scheduled: list[ScheduledSeq]) -> list[ScheduledSeq]:
@@ -111,12 +113,16 @@ class ModelRunner:
             query_lens=query_lens,
             kv_lens=kv_lens,
         )
+        prompt_rows = None
+        if any(s.prompt_logprobs is not None for s in seqs):
+            prompt_rows = plan_prompt_logprobs(seqs, starts, kv_lens, list(accumulate(query_lens, initial=0)))
         return ModelInput(
             input_ids=torch.tensor(ids, dtype=torch.int64).to(dev),
             positions=positions.to(dev),
             context=context,
             sample_indices=sample_indices.to(dev),
             sample_seqs=[seqs[i] for i in sample_rows],
+            prompt_rows=prompt_rows,
         )
 
     @torch.inference_mode()
@@ -128,8 +134,12 @@ class ModelRunner:
         else:
             with forward_context(inp.context):
                 hidden = self.model(inp.input_ids, inp.positions)  # [T, H]
+        prompt_logprobs = {}
+        if inp.prompt_rows is not None:
+            prompt_logprobs = score_prompt_tokens(self.model.compute_logits, hidden, inp.prompt_rows)
         if not inp.sample_seqs:
-            return RunnerOutput([], [], [])
+            return RunnerOutput([], [], [], prompt_logprobs)
         logits = self.model.compute_logits(hidden[inp.sample_indices]).float()  # [n, V]
         sampled = self.sampler(logits, inp.sample_seqs)
-        return RunnerOutput([s.request_id for s in inp.sample_seqs], sampled.token_ids, sampled.logprobs)
+        ids = [s.request_id for s in inp.sample_seqs]
+        return RunnerOutput(ids, sampled.token_ids, sampled.logprobs, prompt_logprobs)

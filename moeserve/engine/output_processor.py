@@ -22,6 +22,7 @@ class _RequestState:
     detokenizer: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     first_token_time: float | None = None
 
 
@@ -70,6 +71,8 @@ class OutputProcessor:
         state.token_ids.extend(out.new_token_ids)
         if state.logprobs is not None and out.new_logprobs:
             state.logprobs.extend(out.new_logprobs)
+        if out.prompt_logprobs is not None:
+            state.prompt_logprobs = out.prompt_logprobs
         if state.first_token_time is None and out.new_token_ids:
             state.first_token_time = now
         reason, stop_reason = out.finish_reason, out.stop_reason
@@ -98,6 +101,7 @@ class OutputProcessor:
             new_text=new_text,
             new_token_ids=out.new_token_ids,
             new_logprobs=out.new_logprobs or [],
+            prompt_logprobs=state.prompt_logprobs,
             num_cached_tokens=out.num_cached_tokens,
             metrics=RequestMetrics(request.arrival_time, out.first_scheduled_time, state.first_token_time),
             adapter=request.adapter,

@@ -38,6 +38,8 @@ class RequestOutput:
     new_text: str = ""  # text added since the previous output of this request
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)  # of new_token_ids, where asked for
+    # One per prompt token (the first None), where asked for; from the request's first output on.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
     error: str | None = None  # the engine failed this request (it is finished, with no completion)

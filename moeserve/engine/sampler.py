@@ -1,8 +1,9 @@
 """Chooses each sequence's next token from its logits, under that sequence's own sampling parameters.
 
-Order, as vLLM applies it: repetition, presence and frequency penalties; logit bias; then greedy argmax (temperature
-0, or below 1e-5, where dividing by it would overflow), or temperature, top-k, top-p, min-p and a draw from the
-remaining distribution (with the request's own generator when it has a seed).
+Order, as vLLM applies it: repetition, presence and frequency penalties; logit bias; the structured-output mask of
+the rows that have a grammar (moeserve.engine.structured_output); then greedy argmax (temperature 0, or below 1e-5,
+where dividing by it would overflow), or temperature, top-k, top-p, min-p and a draw from the remaining
+distribution (with the request's own generator when it has a seed).
 Log-probabilities are those of the model's raw distribution (log_softmax of the logits), as vLLM returns them.
 
 Every step works on the whole batch at once; Python only walks the rows to read their parameters. The draw is the
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.engine.sequence import Sequence, TokenLogprobs
+from moeserve.engine.structured_output import StructuredOutputManager
 
 
 @dataclass
@@ -118,6 +120,8 @@ def _put(t: torch.Tensor, rows: list[int], values: torch.Tensor) -> torch.Tensor
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
+        # Set by the engine core once a request with structured outputs arrives (it masks the constrained rows).
+        self.structured: StructuredOutputManager | None = None
         self.generator = torch.Generator().manual_seed(seed)  # for requests without a seed of their own
         self._device_generators: dict[torch.device, torch.Generator] = {}  # the same, for logits off the CPU
 
@@ -154,6 +158,8 @@ class Sampler:
         lp_rows = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
         raw_logprobs = _rows(logits, lp_rows).log_softmax(dim=-1) if lp_rows else None  # [r, V]
         logits = apply_logit_bias(apply_penalties(logits.clone(), seqs), seqs)
+        if self.structured is not None:
+            self.structured.apply_mask(logits, [seq.grammar for seq in seqs])  # grammar rows only; no-op without
         tokens = logits.max(dim=-1).indices  # [n]: final for greedy rows (max: a third of argmax's time on CPU)
         rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
         if rows:

@@ -8,6 +8,36 @@ from dataclasses import dataclass, field
 GREEDY_TEMPERATURE = 1e-5
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What a constrained request's output must match: exactly one of the fields (vLLM's structured_outputs)."""
+
+    json: str | None = None  # a JSON schema, as JSON text
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None  # exactly one of these strings
+    grammar: str | None = None  # an EBNF grammar (xgrammar's GBNF dialect, as vLLM takes it)
+    structural_tag: str | None = None  # an xgrammar structural tag, as JSON (tool calls use one)
+
+    _KINDS = ("json", "regex", "choice", "grammar", "structural_tag")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        kinds = [k for k in self._KINDS if getattr(self, k) is not None] + (["json_object"] if self.json_object else [])
+        if len(kinds) != 1:
+            names = ", ".join(kinds) or "none"
+            raise ValueError(
+                f"give exactly one of json, json_object, regex, choice, grammar, structural_tag (got {names})"
+            )
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice must list at least one string")
+
+    @property
+    def kind(self) -> str:
+        return next((k for k in self._KINDS if getattr(self, k) is not None), "json_object")
+
+
 @dataclass
 class SamplingParams:
     n: int = 1  # completions per prompt (each its own sequence; seeds seed, seed + 1, ...)
@@ -19,7 +49,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted from the logit of every token already in the output
     frequency_penalty: float = 0.0  # subtracted once per occurrence of the token in the output
     seed: int | None = None  # makes this request's sampling reproducible
-    max_tokens: int | None = 16  # None: until the model's context is full
+    max_tokens: int | None = 16  # None: until the model's context is full; 0: the prompt only (its logprobs)
     stop: list[str] = field(default_factory=list)  # the output ends before the first of these strings
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -27,6 +57,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
+    # Log-probability of each prompt token (given the ones before it) plus this many top alternatives; computed in
+    # the prefill. The first prompt token has none.
+    prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match this grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -45,10 +79,12 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
         if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be non-negative, got {self.max_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be non-negative, got {self.logprobs}")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}")
         if self.logit_bias and any(not -100 <= v <= 100 for v in self.logit_bias.values()):
             raise ValueError("logit_bias values must be in [-100, 100]")
         if any(not s for s in self.stop):

@@ -18,6 +18,7 @@ from moeserve.engine.config import SchedulerConfig
 from moeserve.engine.core_messages import EngineCoreOutput
 from moeserve.engine.kv_cache_manager import KVCacheManager
 from moeserve.engine.sequence import Sequence, SequenceStatus, TokenLogprobs
+from moeserve.engine.structured_output import grammar_finished
 
 
 class AdapterSlots(Protocol):
@@ -57,6 +58,9 @@ class RunnerOutput:
     request_ids: list[str]  # the sequences that sampled a token this step (their prompt or recomputation is done)
     sampled_token_ids: list[int]  # one per request id
     logprobs: list[TokenLogprobs | None]  # one per request id; None where not asked for
+    # request id -> (first prompt position, logprobs of the prompt tokens from there) for the sequences that asked
+    # and whose prefill ran this step (sampled or not)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -160,13 +164,23 @@ class Scheduler:
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.kv.cache_full_blocks(item.seq)
+        for request_id, (first, entries) in result.prompt_logprobs.items():
+            seq = self.requests[request_id]
+            seq.prompt_logprobs[first : first + len(entries)] = entries
         outputs = []
         for request_id, token, logprobs in zip(result.request_ids, result.sampled_token_ids, result.logprobs):
             seq = self.requests[request_id]
-            seq.append_token(token)
+            prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None  # sent once, with the first token
             params = seq.params
+            if params.max_tokens == 0:  # the prompt only: the token sampled after it is not part of the answer
+                self.finish(seq, "length")
+                outputs.append(self._output(seq, [], None, "length", None, prompt_logprobs))
+                continue
+            seq.append_token(token)
             reason, stop_token = None, None
-            if token in params.stop_token_ids:
+            if seq.grammar is not None and grammar_finished(seq.grammar, token):
+                reason = "stop"  # the output is complete under its grammar (it may only end here)
+            elif token in params.stop_token_ids:
                 reason, stop_token = "stop", token
             elif not params.ignore_eos and token in seq.eos_token_ids:
                 reason = "stop"
@@ -177,18 +191,21 @@ class Scheduler:
             if reason is not None:
                 seq.stop_reason = stop_token
                 self.finish(seq, reason)
-            outputs.append(
-                EngineCoreOutput(
-                    request_id=request_id,
-                    new_token_ids=[token],
-                    new_logprobs=None if logprobs is None else [logprobs],
-                    finish_reason=reason,
-                    stop_reason=stop_token,
-                    num_cached_tokens=seq.num_prefix_cached_tokens,
-                    first_scheduled_time=seq.first_scheduled_time,
-                )
-            )
+            outputs.append(self._output(seq, [token], logprobs, reason, stop_token, prompt_logprobs))
         return outputs
+
+    @staticmethod
+    def _output(seq: Sequence, tokens, logprobs, reason, stop_token, prompt_logprobs) -> EngineCoreOutput:
+        return EngineCoreOutput(
+            request_id=seq.request_id,
+            new_token_ids=tokens,
+            new_logprobs=None if logprobs is None else [logprobs],
+            finish_reason=reason,
+            stop_reason=stop_token,
+            num_cached_tokens=seq.num_prefix_cached_tokens,
+            first_scheduled_time=seq.first_scheduled_time,
+            prompt_logprobs=prompt_logprobs,
+        )
 
     def abort(self, request_id: str) -> bool:
         """Ends the request now (stop string found, client gone); False for unknown or finished ids."""

@@ -6,6 +6,7 @@ import enum
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,6 +26,7 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: dict[int, float]  # token id -> logprob, most likely first
+    rank: int | None = None  # of token_id in the distribution (1: the most likely); set for prompt logprobs
 
 
 @dataclass(eq=False)
@@ -51,11 +53,17 @@ class Sequence:
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    grammar: Any = None  # the structured-output matcher (moeserve.engine.structured_output), advanced per token
+    # Where prompt logprobs were asked and not yet sent: one entry per prompt token (the first None), filled by the
+    # prefill chunks as they run; None otherwise (and once sent).
+    prompt_logprobs: list[TokenLogprobs | None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("the prompt must have at least one token")
         self.token_ids = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 

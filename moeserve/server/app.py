@@ -59,6 +59,7 @@ class ServerConfig:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
+    tool_call_parser: str | None = None  # parses "auto" tool calls out of chat answers (vLLM's --tool-call-parser)
 
     def allowed_path(self, raw: str) -> Path:
         """The adapter path, resolved, if it lies inside an allowed directory; 400 otherwise."""
@@ -89,7 +90,7 @@ class APIKeyMiddleware:
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(config.served_model_name)
-    serving = OpenAIServing(engine, config.served_model_name)
+    serving = OpenAIServing(engine, config.served_model_name, config.tool_call_parser)
     tokenization = TokenizationServing(serving)
     engine.on_step = metrics.observe_step
     cache = engine.config.cache

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from moeserve.engine.sampling_params import SamplingParams
+from moeserve.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class _Model(BaseModel):
@@ -19,6 +20,42 @@ class _Model(BaseModel):
 
 class StreamOptions(_Model):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Model):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced (a grammar), strict or not
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Model):
+    """vLLM's `structured_outputs`: exactly one of the fields."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+
+
+class FieldError(ValueError):
+    """A request field's value cannot be used; `field` names it for the 400."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _schema_text(schema: str | dict[str, Any]) -> str:
+    return schema if isinstance(schema, str) else json.dumps(schema)
 
 
 class _SamplingRequest(_Model):
@@ -42,6 +79,14 @@ class _SamplingRequest(_Model):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* names.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -52,6 +97,43 @@ class _SamplingRequest(_Model):
             if not -100 <= value <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
         return v
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The one grammar the request asks for, from whichever field it used; ValueError (naming the fields) when
+        it uses more than one, or asks for nothing a grammar can hold."""
+        specs: dict[str, StructuredOutputsParams] = {}
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            specs["response_format"] = StructuredOutputsParams(json_object=True)
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise FieldError("response_format", "a json_schema response format needs json_schema.schema")
+            specs["response_format"] = StructuredOutputsParams(json=_schema_text(fmt.json_schema.schema_))
+        so = self.structured_outputs
+        if so is not None:
+            try:
+                specs["structured_outputs"] = StructuredOutputsParams(
+                    json=None if so.json_ is None else _schema_text(so.json_),
+                    json_object=bool(so.json_object),
+                    regex=so.regex,
+                    choice=so.choice,
+                    grammar=so.grammar,
+                    structural_tag=so.structural_tag,
+                )
+            except ValueError as exc:
+                raise FieldError("structured_outputs", str(exc)) from exc
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                value = _schema_text(value) if kind == "json" else value
+                try:
+                    specs[name] = StructuredOutputsParams(**{kind: value})
+                except ValueError as exc:
+                    raise FieldError(name, str(exc)) from exc
+        if len(specs) > 1:
+            raise FieldError(", ".join(specs), "a request takes one structured-output constraint")
+        return next(iter(specs.values()), None)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -73,12 +155,14 @@ class _SamplingRequest(_Model):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            prompt_logprobs=self.prompt_logprobs,
+            structured_outputs=self.structured_outputs_params(),
         )
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: the prompt only (with echo: its logprobs)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = None
@@ -97,10 +181,45 @@ class ContentPart(_Model):
     text: str | None = None
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallIn(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Model):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    refusal: None = None  # what the openai client sends back with an assistant message it received
+
+
+class FunctionDefinition(_Model):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments always follow the schema when a call is enforced
+
+
+class ChatTool(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -110,7 +229,9 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     # OpenAI fields we know and refuse unless they ask for nothing we lack (moeserve.server.unsupported).
     audio: Any = None
     function_call: Any = None
@@ -138,9 +259,20 @@ class UsageInfo(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []  # with echo, the first prompt token's is None (as OpenAI's)
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
+
+
+class Logprob(BaseModel):
+    """One entry of vLLM's prompt_logprobs."""
+
+    logprob: float
+    rank: int | None = None  # 1: the most likely token
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 class CompletionChoice(BaseModel):
@@ -149,6 +281,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -174,9 +307,16 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] = []
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: str = "function"
+    function: dict[str, str]  # name, arguments (JSON text)
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] = []
 
 
 class ChatChoice(BaseModel):
@@ -194,6 +334,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ModelCard(BaseModel):
@@ -221,6 +362,7 @@ class TokenizeCompletionRequest(_Model):
 class TokenizeChatRequest(_Model):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ChatTool] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
     return_token_strs: bool = False

@@ -16,7 +16,9 @@ from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.sequence import TokenLogprobs
 from moeserve.server import unsupported
 from moeserve.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from moeserve.server.chat_tools import ToolPlan, plan_tools
 from moeserve.server.errors import APIError
+from moeserve.server.logprobs import LogprobFormatter
 from moeserve.server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -28,6 +30,7 @@ from moeserve.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    FieldError,
     TopLogprob,
     UsageInfo,
 )
@@ -36,10 +39,14 @@ logger = logging.getLogger(__name__)
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, served_model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, served_model_name: str, tool_call_parser: str | None = None) -> None:
         self.engine = engine
         self.model_name = served_model_name
         self.tokenizer = engine.tokenizer
+        self.tool_call_parser = tool_call_parser  # parses "auto" tool calls (None: tool_choice auto is refused)
+        self.logprobs = LogprobFormatter(self.tokenizer)
+        template = self.tokenizer.chat_template
+        self.template_renders_tools = isinstance(template, str) and "tools" in template
 
     # --- shared ---
 
@@ -65,6 +72,8 @@ class OpenAIServing:
     def _params(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         try:
             params = req.sampling_params(max_tokens, logprobs)
+        except FieldError as exc:
+            raise APIError(400, str(exc), exc.field) from exc
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         if params.logit_bias:
@@ -134,10 +143,19 @@ class OpenAIServing:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of other than n is not supported", "best_of")
 
+    def _completion_params(self, req: CompletionRequest) -> SamplingParams:
+        params = self._params(req, req.max_tokens, req.logprobs)
+        # echo + logprobs: the prompt's logprobs come from the prefill, as many alternatives as logprobs asks.
+        asked = [k for k in (req.prompt_logprobs, req.logprobs if req.echo else None) if k is not None]
+        return replace(params, prompt_logprobs=max(asked)) if asked else params
+
+    def _echo(self, out: RequestOutput) -> str:
+        return out.prompt if out.prompt is not None else self.tokenizer.decode(out.prompt_token_ids)
+
     async def completion(self, req: CompletionRequest) -> CompletionResponse:
         self._check_completion(req)
         adapter = self.resolve_adapter(req.model)
-        params = self._params(req, req.max_tokens, req.logprobs)
+        params = self._completion_params(req)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         prompts = self._completion_prompts(req)
         finals: dict[tuple[int, int], RequestOutput] = {}
@@ -153,16 +171,20 @@ class OpenAIServing:
             for i in range(params.n):
                 out = finals[(p_index, i)]
                 c = out.outputs[0]
-                text = c.text
+                text, logprobs = c.text, None
                 if req.echo:
-                    text = (out.prompt or self.tokenizer.decode(out.prompt_token_ids)) + text
+                    text = self._echo(out) + text
+                if req.logprobs is not None:
+                    logprobs = self._completion_logprobs(out, req) if req.echo else None
+                    logprobs = self.logprobs.completion(c.logprobs, len(text) - len(c.text), result=logprobs)
                 choices.append(
                     CompletionChoice(
                         index=p_index * params.n + i,
                         text=text,
-                        logprobs=self._completion_logprobs(c.logprobs) if req.logprobs is not None else None,
+                        logprobs=logprobs,
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
+                        prompt_logprobs=self._prompt_logprobs(out, req.prompt_logprobs),
                     )
                 )
                 usage.completion_tokens += len(c.token_ids)
@@ -170,21 +192,19 @@ class OpenAIServing:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         return CompletionResponse(id=request_id, model=req.model or self.model_name, choices=choices, usage=usage)
 
-    def _completion_logprobs(self, logprobs: list[TokenLogprobs] | None, offset: int = 0) -> CompletionLogprobs:
-        result = CompletionLogprobs()
-        for lp in logprobs or []:
-            text = self._token_text(lp.token_id)
-            result.tokens.append(text)
-            result.token_logprobs.append(lp.logprob)
-            result.top_logprobs.append({self._token_text(t): v for t, v in lp.top.items()})
-            result.text_offset.append(offset)
-            offset += len(text)
-        return result
+    def _completion_logprobs(self, out: RequestOutput, req: CompletionRequest) -> CompletionLogprobs:
+        """With echo: the prompt's logprobs, the first token without one."""
+        return self.logprobs.echoed_prompt(out.prompt_token_ids, out.prompt_logprobs, req.logprobs)
+
+    def _prompt_logprobs(self, out: RequestOutput, k: int | None):
+        if k is None or out.prompt_logprobs is None:
+            return None
+        return self.logprobs.prompt_logprobs(out.prompt_logprobs, k)
 
     async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[str]:
         self._check_completion(req)
         adapter = self.resolve_adapter(req.model)
-        params = self._params(req, req.max_tokens, req.logprobs)
+        params = self._completion_params(req)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         prompts = self._completion_prompts(req)
@@ -198,22 +218,34 @@ class OpenAIServing:
     async def _completion_chunks(self, request_id, created, req, prompt, params, adapter, include_usage):
         usage = UsageInfo()
         offsets = [0] * params.n
+        started = [False] * params.n  # the choice's first chunk is out (with the echo and the prompt logprobs)
         prompt_tokens = 0
         async for out in self._stream_choices(request_id, prompt, params, adapter):
             c = out.outputs[0]
             prompt_tokens = len(out.prompt_token_ids)
-            logprobs = None
+            text, logprobs, prompt_logprobs = out.new_text, None, None
+            first = not started[c.index]
+            if first and req.echo:
+                text = self._echo(out) + text
             if req.logprobs is not None:
-                logprobs = self._completion_logprobs(out.new_logprobs, offsets[c.index]).model_dump()
-            offsets[c.index] += len(out.new_text)
-            if out.new_text or out.finished or logprobs:
+                lp = self._completion_logprobs(out, req) if first and req.echo else None
+                echoed = len(text) - len(out.new_text)
+                logprobs = self.logprobs.completion(out.new_logprobs, offsets[c.index] + echoed, result=lp)
+                logprobs = logprobs.model_dump()
+            if first:
+                prompt_logprobs = self._prompt_logprobs(out, req.prompt_logprobs)
+            offsets[c.index] += len(text)
+            if text or out.finished or logprobs or prompt_logprobs:
+                started[c.index] = True
                 choice = {
                     "index": c.index,
-                    "text": out.new_text,
+                    "text": text,
                     "logprobs": logprobs,
                     "finish_reason": c.finish_reason if out.finished else None,
                     "stop_reason": c.stop_reason if out.finished else None,
                 }
+                if prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = _json_prompt_logprobs(prompt_logprobs)
                 yield {
                     "id": request_id,
                     "object": "text_completion",
@@ -238,7 +270,7 @@ class OpenAIServing:
     # --- /v1/chat/completions ---
 
     def render_chat(self, messages, add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
-        """The messages through the chat template, as text; 400 for messages the template cannot render."""
+        """The messages (and tools) through the chat template, as text; 400 for what the template cannot render."""
         rendered = []
         for m in messages:
             content = m.content
@@ -246,10 +278,15 @@ class OpenAIServing:
                 if any(part.type != "text" for part in content):
                     raise APIError(400, "only text content parts are supported", "messages")
                 content = "".join(part.text or "" for part in content)
-            rendered.append({"role": m.role, "content": content or ""})
+            message = {"role": m.role, "content": content or ""}
+            if m.tool_calls:
+                message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            rendered.append(message)
         try:
             return self.tokenizer.apply_chat_template(
-                rendered, tokenize=False, add_generation_prompt=add_generation_prompt
+                rendered, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # jinja errors: the template rejected these messages
             raise APIError(400, f"the chat template cannot render these messages: {exc}", "messages") from exc
@@ -258,12 +295,6 @@ class OpenAIServing:
     def check_token_ids(token_ids: list[int], vocab: int, field: str) -> None:
         if any(not 0 <= t < vocab for t in token_ids):
             raise APIError(400, f"{field}: token ids must be in [0, {vocab})", field)
-
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        if req.tools:
-            raise APIError(400, "tools are not supported", "tools")
-        text = self.render_chat(req.messages, req.add_generation_prompt)
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _chat_logprobs(self, logprobs: list[TokenLogprobs] | None) -> ChatLogprobs:
         content = []
@@ -283,10 +314,24 @@ class OpenAIServing:
         adapter = self.resolve_adapter(req.model)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, req.max_completion_tokens or req.max_tokens, logprobs)
-        return adapter, params, self._chat_prompt(req)
+        plan = plan_tools(
+            req, self.tool_call_parser, self.template_renders_tools, params.structured_outputs is not None
+        )
+        if plan.constraint is not None:
+            params = replace(params, structured_outputs=plan.constraint)
+        text = self.render_chat(req.messages, req.add_generation_prompt, plan.template_tools)
+        return adapter, params, self.tokenizer.encode(text, add_special_tokens=False), plan
+
+    def _message(self, text: str, plan: ToolPlan) -> tuple[ChatResponseMessage, bool]:
+        """The answer as a message, with the tool calls parsed out of it where the request has tools."""
+        if plan.parser is None:
+            return ChatResponseMessage(content=text), False
+        content, calls = plan.parser.extract(text)
+        calls = calls if plan.parallel else calls[:1]
+        return ChatResponseMessage(content=content, tool_calls=[c.to_openai() for c in calls]), bool(calls)
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        adapter, params, prompt = self._chat_setup(req)
+        adapter, params, prompt, plan = self._chat_setup(req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         finals: dict[int, RequestOutput] = {}
         async for out in self._stream_choices(request_id, prompt, params, adapter):
@@ -296,29 +341,36 @@ class OpenAIServing:
         for i in range(params.n):
             c = finals[i].outputs[0]
             completion_tokens += len(c.token_ids)
+            message, called = self._message(c.text, plan)
             choices.append(
                 ChatChoice(
                     index=i,
-                    message=ChatResponseMessage(content=c.text),
+                    message=message,
                     logprobs=self._chat_logprobs(c.logprobs) if req.logprobs else None,
-                    finish_reason=c.finish_reason,
+                    finish_reason=_finish_reason(c.finish_reason, called),
                     stop_reason=c.stop_reason,
                 )
             )
         usage = UsageInfo(
             prompt_tokens=len(prompt), completion_tokens=completion_tokens, total_tokens=len(prompt) + completion_tokens
         )
-        return ChatCompletionResponse(id=request_id, model=req.model or self.model_name, choices=choices, usage=usage)
+        return ChatCompletionResponse(
+            id=request_id,
+            model=req.model or self.model_name,
+            choices=choices,
+            usage=usage,
+            prompt_logprobs=self._prompt_logprobs(finals[0], req.prompt_logprobs),
+        )
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        adapter, params, prompt = self._chat_setup(req)
+        adapter, params, prompt, plan = self._chat_setup(req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self._sse(
-            self._chat_chunks(request_id, int(time.time()), req, prompt, params, adapter, include_usage)
+            self._chat_chunks(request_id, int(time.time()), req, prompt, params, adapter, plan, include_usage)
         )
 
-    async def _chat_chunks(self, request_id, created, req, prompt, params, adapter, include_usage):
+    async def _chat_chunks(self, request_id, created, req, prompt, params, adapter, plan, include_usage):
         def chunk(choices, usage=None):
             body = {
                 "id": request_id,
@@ -331,42 +383,53 @@ class OpenAIServing:
                 body["usage"] = usage
             return body
 
+        def delta(index, content, calls, logprobs=None):
+            d = {"content": content} if content or not calls else {}
+            if calls:
+                d["tool_calls"] = calls
+            return {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": None}
+
         outputs = self._stream_choices(request_id, prompt, params, adapter)
         first = await anext(outputs)  # the engine accepted the request: only now does the answer start
         for i in range(params.n):
-            yield chunk(
-                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
-            )
+            opening = {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            if i == 0 and req.prompt_logprobs is not None:
+                plp = self._prompt_logprobs(first, req.prompt_logprobs)
+                opening["prompt_logprobs"] = _json_prompt_logprobs(plp)
+            yield chunk([opening])
+        streams = [plan.parser.stream() if plan.parser is not None else None for _ in range(params.n)]
+        calls_sent = [0] * params.n
         completion_tokens = 0
         async for out in _prepend(first, outputs):
             c = out.outputs[0]
             logprobs = None
             if req.logprobs:
                 logprobs = self._chat_logprobs(out.new_logprobs).model_dump()
-            if out.new_text or logprobs:
-                yield chunk(
-                    [
-                        {
-                            "index": c.index,
-                            "delta": {"content": out.new_text},
-                            "logprobs": logprobs,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
+            content, calls = out.new_text, []
+            stream = streams[c.index]
+            if stream is not None:
+                content, done = stream.feed(out.new_text)
+                if out.finished:
+                    rest = stream.finish()  # an unclosed or partial tag: text, as written
+                    content += rest if rest.strip() or not stream.calls else ""
+                if not plan.parallel:
+                    done = done[: max(0, 1 - calls_sent[c.index])]
+                calls = [call.to_openai(calls_sent[c.index] + j) for j, call in enumerate(done)]
+                calls_sent[c.index] += len(calls)
+            if content or calls or logprobs:
+                yield chunk([delta(c.index, content, calls, logprobs)])
             if out.finished:
                 completion_tokens += len(c.token_ids)
+                reason = _finish_reason(c.finish_reason, calls_sent[c.index] > 0)
                 yield chunk(
-                    [
-                        {
-                            "index": c.index,
-                            "delta": {},
-                            "logprobs": None,
-                            "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason,
-                        }
-                    ]
-                )
+                    [{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": reason,
+                      "stop_reason": c.stop_reason}]
+                )  # fmt: skip
         if include_usage:
             usage = UsageInfo(
                 prompt_tokens=len(prompt),
@@ -394,6 +457,16 @@ class OpenAIServing:
             yield "data: [DONE]\n\n"
 
         return events()
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    """ "tool_calls" for an answer that ended on its own with calls; a cut one stays "length"."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+def _json_prompt_logprobs(prompt_logprobs) -> list:
+    """vLLM's prompt_logprobs as JSON (token ids as string keys)."""
+    return [None if e is None else {str(t): v.model_dump() for t, v in e.items()} for e in prompt_logprobs or []]
 
 
 async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:

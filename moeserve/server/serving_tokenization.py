@@ -20,7 +20,8 @@ class TokenizationServing:
     def tokenize(self, req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
         self.serving.resolve_adapter(req.model)  # 404 for an unknown model; every adapter shares the tokenizer
         if isinstance(req, TokenizeChatRequest):
-            text = self.serving.render_chat(req.messages, req.add_generation_prompt)
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            text = self.serving.render_chat(req.messages, req.add_generation_prompt, tools)
         else:
             text = req.prompt
         tokens = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)

@@ -109,6 +109,28 @@ def intent_json(device: str, action: str, value: int | str | None) -> str:
     return json.dumps({"device": device, "action": action, "value": value})
 
 
+def intent_schema() -> dict[str, Any]:
+    """The JSON schema of an intent, for structured outputs: the task's devices and actions, values in their ranges."""
+    settings = [s for d in DEVICES for s in d.settings]
+    ints = [v for s in settings for v in s.values if isinstance(v, int)]
+    return {
+        "type": "object",
+        "properties": {
+            "device": {"enum": [d.key for d in DEVICES]},
+            "action": {"enum": sorted({s.action for s in settings} | {"turn_on", "turn_off"})},
+            "value": {
+                "anyOf": [
+                    {"type": "integer", "minimum": min(ints), "maximum": max(ints)},
+                    {"enum": sorted({v for s in settings for v in s.values if isinstance(v, str)})},
+                    {"type": "null"},
+                ]
+            },
+        },
+        "required": ["device", "action", "value"],
+        "additionalProperties": False,
+    }
+
+
 class IntentTask(Task):
     name = "intent"
     description = "household-appliance commands to a JSON intent {device, action, value}"

@@ -1,0 +1,59 @@
+"""Logprobs in the API's shapes: OpenAI's completion logprobs (with `echo`, the prompt's tokens first, the first of
+them None) and vLLM's `prompt_logprobs` (token id -> logprob, rank, decoded token)."""
+
+from __future__ import annotations
+
+from moeserve.engine.sequence import TokenLogprobs
+from moeserve.server.protocol import CompletionLogprobs, Logprob, PromptLogprobs
+
+
+class LogprobFormatter:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def completion(
+        self,
+        logprobs: list[TokenLogprobs | None] | None,
+        offset: int = 0,
+        k: int | None = None,
+        result: CompletionLogprobs | None = None,
+    ) -> CompletionLogprobs:
+        """OpenAI's completion logprobs of these tokens (appended to `result` when given), text offsets from
+        `offset`; an entry None (the first prompt token) has no logprob. `k` caps the alternatives listed."""
+        result = result or CompletionLogprobs()
+        for lp in logprobs or []:
+            if lp is None:
+                continue
+            text = self.text(lp.token_id)
+            result.tokens.append(text)
+            top = list(lp.top.items())[:k] if k is not None else lp.top.items()
+            result.token_logprobs.append(lp.logprob)
+            alternatives: dict[str, float] = {}
+            for t, v in top:  # two ids may decode alike (partial UTF-8 bytes): the likelier one keeps the entry
+                alternatives.setdefault(self.text(t), v)
+            result.top_logprobs.append(alternatives)
+            result.text_offset.append(offset)
+            offset += len(text)
+        return result
+
+    def echoed_prompt(self, prompt_ids: list[int], prompt_logprobs: list[TokenLogprobs | None], k: int):
+        """Completion logprobs of the prompt, as `echo` returns them: the first token without a logprob."""
+        first = self.text(prompt_ids[0])
+        result = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+        return self.completion(prompt_logprobs[1:], len(first), k, result)
+
+    def prompt_logprobs(self, prompt_logprobs: list[TokenLogprobs | None], k: int) -> PromptLogprobs:
+        """vLLM's prompt_logprobs: per prompt token, the token itself and the top k, each with its rank."""
+        result: PromptLogprobs = []
+        for lp in prompt_logprobs:
+            if lp is None:
+                result.append(None)
+                continue
+            entry = {lp.token_id: Logprob(logprob=lp.logprob, rank=lp.rank, decoded_token=self.text(lp.token_id))}
+            for rank, (t, v) in enumerate(list(lp.top.items())[:k], start=1):
+                entry.setdefault(t, Logprob(logprob=v, rank=rank, decoded_token=self.text(t)))
+            result.append(entry)
+        return result
