@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -94,6 +95,10 @@ class AsyncEngine:
 
     def _attach(self) -> None:
         self._loop.add_reader(self.conn.fileno(), self._on_readable)
+        # uvloop (libuv) makes a polled fd non-blocking, and multiprocessing's framed messages need whole writes
+        # and reads: a burst that fills the pipe while the core is mid-step would fail (EAGAIN) or tear a
+        # message. Kept blocking, as under asyncio's own loop, a full pipe holds the sender until the core reads.
+        os.set_blocking(self.conn.fileno(), True)
         self._error = None
         self._ready.set()
 
