@@ -4,18 +4,41 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from moeserve.engine.sampling_params import SamplingParams, StructuredOutputsParams
+
+# Bounds on what one request may ask for (vLLM's where it has one): each keeps a request's cost proportional to what
+# the server is configured for, and turns absurd values into a 400 before anything is allocated.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_N = 128  # choices per prompt
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+MAX_STOP = 64  # stop strings per request
+MAX_STOP_LEN = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024
+MAX_PROMPTS = 256  # prompts in one /v1/completions batch
+MAX_MESSAGES = 4096
+
+
+def _encodable(text: str) -> str:
+    """Text the tokenizer can take: UTF-8 encodable (JSON may carry a lone surrogate such as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text cannot be encoded as UTF-8 ({exc.reason} at position {exc.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class _Model(BaseModel):
     # A field we do not know is refused (400 naming it), never ignored: a client that asks for something must not
     # get an answer that silently went without it. Known fields we do not support are refused by the handlers
     # (moeserve.server.unsupported).
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # and NaN/inf are never a number
 
 
 class StreamOptions(_Model):
@@ -59,12 +82,14 @@ def _schema_text(schema: str | dict[str, Any]) -> str:
 
 
 class _SamplingRequest(_Model):
-    model: str | None = None  # None: the base model
-    temperature: float | None = Field(None, ge=0, le=100)
+    model: Text | None = None  # None: the base model
+    temperature: float | None = Field(None, ge=0, le=100)  # below 1e-5: greedy (SamplingParams.greedy)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=128)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: (
+        Annotated[Text, Field(max_length=MAX_STOP_LEN)] | list[Annotated[Text, Field(max_length=MAX_STOP_LEN)]] | None
+    ) = Field(None, max_length=MAX_STOP)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -72,11 +97,11 @@ class _SamplingRequest(_Model):
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100] added to its logit
     user: str | None = None  # the end user's id: logged with the request
     # vLLM's extra sampling fields
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT64_MAX)  # -1 or 0: off; at most the vocabulary (OpenAIServing)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
@@ -161,24 +186,31 @@ class _SamplingRequest(_Model):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)  # 0: the prompt only (with echo: its logprobs)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    prompt: (
+        Text
+        | list[Text]
+        | list[Annotated[int, Field(ge=0, le=INT64_MAX)]]
+        | list[list[Annotated[int, Field(ge=0, le=INT64_MAX)]]]
+    )
+    max_tokens: int | None = Field(16, ge=0, le=INT64_MAX)  # 0: the prompt only (with echo: its logprobs)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: Text | None = None
 
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be an empty list")
+        if isinstance(v, list) and isinstance(v[0], (str, list)) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return v
 
 
 class ContentPart(_Model):
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class FunctionCall(_Model):
@@ -194,8 +226,8 @@ class ToolCallIn(_Model):
 
 class ChatMessage(_Model):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
     tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool message: the call it answers
     refusal: None = None  # what the openai client sends back with an assistant message it received
@@ -223,11 +255,11 @@ class NamedToolChoice(_Model):
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -354,7 +386,7 @@ class ModelList(BaseModel):
 
 class TokenizeCompletionRequest(_Model):
     model: str | None = None
-    prompt: str
+    prompt: Text
     add_special_tokens: bool = True
     return_token_strs: bool = False
 
@@ -384,13 +416,22 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("must not contain a NUL character")
+    return text
+
+
+Name = Annotated[Text, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
+
+
 class LoadAdapterRequest(_Model):
-    lora_name: str = Field(min_length=1, max_length=200)
-    lora_path: str = Field(min_length=1)
+    lora_name: Name
+    lora_path: Annotated[Text, Field(min_length=1, max_length=4096), AfterValidator(_no_nul)]
 
 
 class UnloadAdapterRequest(_Model):
-    lora_name: str = Field(min_length=1)
+    lora_name: Name
 
 
 class ErrorInfo(BaseModel):

@@ -10,14 +10,17 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+from moeserve.adapters.config import AdapterError
 from moeserve.adapters.manager import UnknownAdapterError
+from moeserve.engine.core_messages import StepFailedError
+from moeserve.engine.input_processor import PromptTooLongError
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.sequence import TokenLogprobs
 from moeserve.server import unsupported
 from moeserve.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from moeserve.server.chat_tools import ToolPlan, plan_tools
-from moeserve.server.errors import APIError
+from moeserve.server.errors import APIError, error_body
 from moeserve.server.logprobs import LogprobFormatter
 from moeserve.server.protocol import (
     ChatChoice,
@@ -36,6 +39,9 @@ from moeserve.server.protocol import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Prompts longer than this (characters) are tokenized in a worker thread, so the event loop keeps streaming others.
+_TOKENIZE_INLINE_CHARS = 4096
 
 
 class OpenAIServing:
@@ -70,6 +76,12 @@ class OpenAIServing:
             logger.info("request for model %s from user %s", req.model or self.model_name, who)
 
     def _params(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The request's sampling parameters, each checked against the model (the ranges are the protocol's)."""
+        vocab = self.engine.info.vocab_size
+        if req.top_k is not None and req.top_k > vocab:
+            raise APIError(400, f"top_k must be -1 (off) or in [1, {vocab}] (the vocabulary), got {req.top_k}", "top_k")
+        if any(t >= vocab for t in req.stop_token_ids or ()):
+            raise APIError(400, f"stop_token_ids must be token ids in [0, {vocab})", "stop_token_ids")
         try:
             params = req.sampling_params(max_tokens, logprobs)
         except FieldError as exc:
@@ -80,13 +92,49 @@ class OpenAIServing:
             self.check_token_ids(list(params.logit_bias), self.engine.inputs.vocab_size, "logit_bias")
         return params
 
+    async def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt, after the cheap size bound; long texts in a worker thread."""
+        inputs = self.engine.inputs
+        try:
+            if len(text) <= _TOKENIZE_INLINE_CHARS:
+                return inputs.tokenize(text, add_special_tokens)
+            inputs.check_text_size(text)
+            return await asyncio.to_thread(inputs.tokenize, text, add_special_tokens)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "prompt") from exc
+
+    def _check_context(self, num_prompt_tokens: int, max_tokens: int | None, param: str = "max_tokens") -> None:
+        """A prompt and completion that cannot fit the context are a 400, as in vLLM (never silently cut short)."""
+        limit = self.engine.max_model_len
+        if num_prompt_tokens >= limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{num_prompt_tokens} tokens and at least one must be left to generate.",
+                "prompt" if param == "max_tokens" else "messages",
+            )
+        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
+                "completion). Please reduce the prompt or the completion length.",
+                param,
+            )
+
     async def _stream_choices(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, adapter: str | None
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        adapter: str | None,
+        prompt_text: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of all n choices of one prompt, interleaved as they come (choice i has index i)."""
+        gen = self.engine.generate
         if params.n == 1:  # one engine request: its outputs as they are, with no task and queue in between
             try:
-                async for out in self.engine.generate(f"{request_id}-0", prompt, params, adapter, index=0):
+                async for out in gen(f"{request_id}-0", prompt, params, adapter, index=0, prompt_text=prompt_text):
                     yield out
             except Exception as exc:
                 mapped = _api_error(exc)
@@ -99,8 +147,8 @@ class OpenAIServing:
         async def pump(i: int) -> None:
             seed = None if params.seed is None else params.seed + i
             try:
-                async for out in self.engine.generate(
-                    f"{request_id}-{i}", prompt, replace(params, seed=seed), adapter, index=i
+                async for out in gen(
+                    f"{request_id}-{i}", prompt, replace(params, seed=seed), adapter, index=i, prompt_text=prompt_text
                 ):
                     await queue.put(out)
             except BaseException as exc:
@@ -130,13 +178,29 @@ class OpenAIServing:
 
     # --- /v1/completions ---
 
-    def _completion_prompts(self, req: CompletionRequest) -> list[str | list[int]]:
+    async def _completion_prompts(self, req: CompletionRequest) -> list[tuple[list[int], str | None]]:
+        """(token ids, text or None) of each prompt, tokenized and checked against the context."""
         p = req.prompt
         if isinstance(p, str):
-            return [p]
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+            raw: list = [p]
+        elif all(isinstance(x, int) for x in p):
+            raw = [list(p)]
+        else:
+            raw = list(p)
+        vocab = self.engine.info.vocab_size
+        prompts = []
+        for item in raw:
+            if isinstance(item, str):
+                ids, text = await self._tokenize(item), item
+            else:
+                ids, text = list(item), None
+                if any(t >= vocab for t in ids):
+                    raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", "prompt")
+            if not ids:
+                raise APIError(400, "the prompt is empty", "prompt")
+            self._check_context(len(ids), req.max_tokens)
+            prompts.append((ids, text))
+        return prompts
 
     def _check_completion(self, req: CompletionRequest) -> None:
         self._check_fields(req, unsupported.COMPLETION)
@@ -157,11 +221,12 @@ class OpenAIServing:
         adapter = self.resolve_adapter(req.model)
         params = self._completion_params(req)
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        prompts = self._completion_prompts(req)
+        prompts = await self._completion_prompts(req)
         finals: dict[tuple[int, int], RequestOutput] = {}
 
-        async def run(p_index: int, prompt) -> None:
-            async for out in self._stream_choices(f"{request_id}-{p_index}", prompt, params, adapter):
+        async def run(p_index: int, prompt: tuple[list[int], str | None]) -> None:
+            ids, text = prompt
+            async for out in self._stream_choices(f"{request_id}-{p_index}", ids, params, adapter, text):
                 if out.finished:
                     finals[(p_index, out.outputs[0].index)] = out
 
@@ -207,7 +272,7 @@ class OpenAIServing:
         params = self._completion_params(req)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        prompts = self._completion_prompts(req)
+        prompts = await self._completion_prompts(req)
         if len(prompts) != 1:
             raise APIError(400, "streaming supports one prompt per request", "prompt")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -220,7 +285,7 @@ class OpenAIServing:
         offsets = [0] * params.n
         started = [False] * params.n  # the choice's first chunk is out (with the echo and the prompt logprobs)
         prompt_tokens = 0
-        async for out in self._stream_choices(request_id, prompt, params, adapter):
+        async for out in self._stream_choices(request_id, prompt[0], params, adapter, prompt[1]):
             c = out.outputs[0]
             prompt_tokens = len(out.prompt_token_ids)
             text, logprobs, prompt_logprobs = out.new_text, None, None
@@ -284,6 +349,10 @@ class OpenAIServing:
             if m.tool_call_id is not None:
                 message["tool_call_id"] = m.tool_call_id
             rendered.append(message)
+        try:  # the rendered text holds every message: too much content cannot fit, rendered or not
+            self.engine.inputs.check_text_size("".join(m["content"] for m in rendered))
+        except PromptTooLongError as exc:
+            raise APIError(400, str(exc), "messages") from exc
         try:
             return self.tokenizer.apply_chat_template(
                 rendered, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -309,7 +378,7 @@ class OpenAIServing:
             )
         return ChatLogprobs(content=content)
 
-    def _chat_setup(self, req: ChatCompletionRequest):
+    async def _chat_setup(self, req: ChatCompletionRequest):
         self._check_fields(req, unsupported.CHAT)
         adapter = self.resolve_adapter(req.model)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -320,7 +389,9 @@ class OpenAIServing:
         if plan.constraint is not None:
             params = replace(params, structured_outputs=plan.constraint)
         text = self.render_chat(req.messages, req.add_generation_prompt, plan.template_tools)
-        return adapter, params, self.tokenizer.encode(text, add_special_tokens=False), plan
+        ids = await self._tokenize(text, add_special_tokens=False)
+        self._check_context(len(ids), req.max_completion_tokens or req.max_tokens, "max_completion_tokens")
+        return adapter, params, ids, plan
 
     def _message(self, text: str, plan: ToolPlan) -> tuple[ChatResponseMessage, bool]:
         """The answer as a message, with the tool calls parsed out of it where the request has tools."""
@@ -331,7 +402,7 @@ class OpenAIServing:
         return ChatResponseMessage(content=content, tool_calls=[c.to_openai() for c in calls]), bool(calls)
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        adapter, params, prompt, plan = self._chat_setup(req)
+        adapter, params, prompt, plan = await self._chat_setup(req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         finals: dict[int, RequestOutput] = {}
         async for out in self._stream_choices(request_id, prompt, params, adapter):
@@ -363,7 +434,7 @@ class OpenAIServing:
         )
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[str]:
-        adapter, params, prompt, plan = self._chat_setup(req)
+        adapter, params, prompt, plan = await self._chat_setup(req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await self._sse(
@@ -451,7 +522,10 @@ class OpenAIServing:
                 async for body in chunks:
                     yield f"data: {json.dumps(body)}\n\n"
             except APIError as exc:
-                yield f"data: {json.dumps({'error': {'message': exc.message, 'code': exc.status}})}\n\n"
+                yield f"data: {json.dumps(error_body(exc.status, exc.message, exc.param))}\n\n"
+            except Exception as exc:  # a bug of ours: this stream ends with an error event, the server goes on
+                logger.error("stream failed", exc_info=exc)
+                yield f"data: {json.dumps(error_body(500, f'internal server error: {type(exc).__name__}'))}\n\n"
             finally:
                 await chunks.aclose()
             yield "data: [DONE]\n\n"
@@ -483,6 +557,10 @@ def _api_error(exc: BaseException) -> BaseException:
         return APIError(429, str(exc))
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc))
+    if isinstance(exc, StepFailedError):  # the engine's fault, not the request's
+        return APIError(500, str(exc))
+    if isinstance(exc, AdapterError):  # its files changed or vanished since it was loaded
+        return APIError(400, str(exc), "model")
     if isinstance(exc, UnknownAdapterError):
         return APIError(404, str(exc).strip("'\""), "model")
     if isinstance(exc, ValueError):  # AdapterError included: the adapter cannot be used as asked
