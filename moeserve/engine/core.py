@@ -15,7 +15,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from moeserve.adapters.manager import AdapterManager
 from moeserve.engine.config import EngineConfig
-from moeserve.engine.core_messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats
+from moeserve.engine.core_messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats, StepFailedError
 from moeserve.engine.kv_cache import default_num_blocks
 from moeserve.engine.kv_cache_manager import KVCacheManager
 from moeserve.engine.model_runner import ModelRunner
@@ -125,11 +125,21 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[EngineCoreOutput]:
+        """One step's outputs, with the requests that failed in it: a request whose adapter cannot be placed fails
+        alone; a step that fails as a whole (the model or the sampler raised) fails the requests it scheduled, and
+        the core goes on serving the rest."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
-            return []
-        result = self.runner.execute(batch)
-        return self.scheduler.update_from_output(batch, result)
+            return self.scheduler.take_failed()
+        try:
+            result = self.runner.execute(batch)
+        except Exception as exc:
+            logger.exception("a step of %d requests failed; failing them", len(batch.scheduled))
+            error = StepFailedError(f"the engine step running this request failed: {type(exc).__name__}: {exc}")
+            for item in batch.scheduled:
+                self.scheduler.fail(item.seq, error)
+            return self.scheduler.take_failed()
+        return self.scheduler.take_failed() + self.scheduler.update_from_output(batch, result)
 
     def stats(self) -> SchedulerStats:
         sched, manager = self.scheduler, self.adapters

@@ -13,6 +13,10 @@ from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.sequence import TokenLogprobs
 
 
+class StepFailedError(RuntimeError):
+    """The step a request was part of failed (not the request's own fault): the server's error, a 500."""
+
+
 @dataclass
 class EngineCoreRequest:
     request_id: str

@@ -6,12 +6,15 @@ output, and tells the caller which requests a stop string ended so the core can 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from moeserve.engine.core_messages import EngineCoreOutput, EngineCoreRequest
 from moeserve.engine.detokenizer import IncrementalDetokenizer
 from moeserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from moeserve.engine.sequence import TokenLogprobs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,14 +55,17 @@ class OutputProcessor:
                 continue
             if out.error is not None:  # the core refused or failed this request alone
                 del self.requests[out.request_id]
-                r = state.request
-                results.append(
-                    RequestOutput(
-                        r.request_id, state.prompt, r.prompt_token_ids, [], True, error=out.error, adapter=r.adapter
-                    )
-                )
+                results.append(_failed(state, out.error))
                 continue
-            results.append(self._update(state, out, now))
+            try:
+                results.append(self._update(state, out, now))
+            except Exception as exc:  # detokenizing this request failed: it ends here, the others go on
+                logger.exception("output processing failed for request %s", out.request_id)
+                results.append(_failed(state, f"processing this request's output failed: {type(exc).__name__}"))
+                del self.requests[out.request_id]
+                if out.finish_reason is None:
+                    stopped.append(out.request_id)
+                continue
             if results[-1].finished:
                 del self.requests[out.request_id]
                 if out.finish_reason is None:
@@ -106,3 +112,8 @@ class OutputProcessor:
             metrics=RequestMetrics(request.arrival_time, out.first_scheduled_time, state.first_token_time),
             adapter=request.adapter,
         )
+
+
+def _failed(state: _RequestState, error: str) -> RequestOutput:
+    r = state.request
+    return RequestOutput(r.request_id, state.prompt, r.prompt_token_ids, [], True, error=error, adapter=r.adapter)

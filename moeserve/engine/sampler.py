@@ -23,6 +23,9 @@ import torch
 from moeserve.engine.sequence import Sequence, TokenLogprobs
 from moeserve.engine.structured_output import StructuredOutputManager
 
+# Penalised logits stay within this, so that dividing by the smallest temperature (1e-5) is still finite in fp32.
+_LOGIT_BOUND = 1e30
+
 
 @dataclass
 class SamplerOutput:
@@ -55,7 +58,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         at = (torch.tensor(rows, device=dev)[:, None], torch.where(ids == vocab, ids[:, :1], ids))  # pad: 1st token
         penalty = torch.tensor([seqs[i].params.repetition_penalty for i in rows], device=dev)[:, None]
         values = logits[at]  # [r, L]
-        logits[at] = torch.where(values > 0, values / penalty, values * penalty)
+        # Clamped: a penalty near 0 (1e-40) would turn logits into inf, and the softmax after into NaN.
+        logits[at] = torch.where(values > 0, values / penalty, values * penalty).clamp_(-_LOGIT_BOUND, _LOGIT_BOUND)
     rows = [
         i
         for i, seq in enumerate(seqs)

@@ -83,6 +83,7 @@ class Scheduler:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.num_preemptions = 0
+        self.failed: list[EngineCoreOutput] = []  # sequences failed since the last step's outputs (take_failed)
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
@@ -123,7 +124,11 @@ class Scheduler:
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             if seq.adapter_ref is not None:
-                slot = self.slots.assign_slot(seq.adapter_ref, busy) if self.slots is not None else None
+                try:
+                    slot = self.slots.assign_slot(seq.adapter_ref, busy) if self.slots is not None else None
+                except Exception as exc:  # its adapter cannot be placed (files changed, ...): this request fails
+                    self.fail(self.waiting.popleft(), exc)
+                    continue
                 if slot is None:
                     skipped.append(self.waiting.popleft())
                     continue
@@ -207,6 +212,16 @@ class Scheduler:
             prompt_logprobs=prompt_logprobs,
         )
 
+    def fail(self, seq: Sequence, exc: BaseException) -> None:
+        """Ends seq with an error that is its own (its adapter, its step): blocks and adapter freed, the error
+        reported in the next outputs (take_failed), every other sequence untouched."""
+        self.finish(seq, "error")
+        self.failed.append(EngineCoreOutput(seq.request_id, [], error=str(exc), error_kind=type(exc).__name__))
+
+    def take_failed(self) -> list[EngineCoreOutput]:
+        failed, self.failed = self.failed, []
+        return failed
+
     def abort(self, request_id: str) -> bool:
         """Ends the request now (stop string found, client gone); False for unknown or finished ids."""
         seq = self.requests.get(request_id)
@@ -216,7 +231,7 @@ class Scheduler:
         return True
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends seq (stop, length or abort) wherever it is, frees its blocks and releases its adapter."""
+        """Ends seq (stop, length, abort or error) wherever it is, frees its blocks and releases its adapter."""
         if seq.is_finished:
             return
         seq.status = SequenceStatus.FINISHED
