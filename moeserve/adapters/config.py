@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from transformers import PreTrainedConfig
 
 FORMAT_VERSION = 1
@@ -115,6 +117,20 @@ class AdapterConfig:
             raise AdapterError(f"a {self.method} adapter needs a positive rank, got {self.rank}")
         if self.expert_kind not in ("lora", "ia3"):
             raise AdapterError(f"expert_kind must be 'lora' or 'ia3', got {self.expert_kind!r}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise AdapterError(f"alpha must be a positive number, got {self.alpha}")
+        counts = self.num_experts if isinstance(self.num_experts, list) else [self.num_experts or 1]
+        if any(n < 1 for n in counts):
+            raise AdapterError(f"num_experts must be positive (per layer), got {self.num_experts}")
+        if self.top_k is not None and not 1 <= self.top_k <= (max(counts) if self.num_experts else self.top_k):
+            raise AdapterError(f"top_k must be in [1, num_experts = {max(counts)}], got {self.top_k}")
+        if not 0 <= self.num_world_experts <= max(counts):
+            raise AdapterError(f"num_world_experts must be in [0, num_experts], got {self.num_world_experts}")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise AdapterError(f"threshold must be in (0, 1], got {self.threshold}")
+        for layer, ids in (self.experts or {}).items():
+            if not layer.isdigit() or any(e < 0 for e in ids) or len(set(ids)) != len(ids):
+                raise AdapterError(f"experts must map layer indices to distinct expert ids, got {layer!r}: {ids}")
 
     @property
     def is_esft(self) -> bool:
@@ -150,7 +166,10 @@ class AdapterConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise AdapterError(f"adapter_config.json has fields this moeserve does not support: {', '.join(unknown)}")
-        return cls(**data)
+        try:  # every field's type, strictly (no "8" for 8, no true for 1), then __post_init__'s checks
+            return TypeAdapter(cls).validate_json(json.dumps(data), strict=True)
+        except ValidationError as exc:
+            raise AdapterError(_field_errors(exc)) from None
 
     def save(self, directory: str | Path) -> None:
         """Writes adapter_config.json (not for `lora`, whose PEFT config the LoRA writer produces)."""
@@ -178,6 +197,16 @@ class AdapterConfig:
         from moeserve.adapters.peft_lora import adapter_config_from_peft  # it imports this module
 
         return adapter_config_from_peft(data, directory, _safetensors_metadata(directory / WEIGHTS_NAME))
+
+
+def _field_errors(exc: ValidationError) -> str:
+    """pydantic's errors as one line that names each adapter_config.json field at fault."""
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("int", "list[", "dict[", "float", "str", "none"))]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        problems.append(f"field {'.'.join(loc)!r}: {msg}" if loc else msg)
+    return "adapter_config.json: " + "; ".join(dict.fromkeys(problems))
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:

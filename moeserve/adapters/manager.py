@@ -6,11 +6,14 @@
   requests use it lets those finish on the old weights while new requests get the new ones.
 - Device slots (1..max_slots; 0 is the base model) hold resident versions. A slot is taken from a version only when
   no running request uses it (least recently used first). Host memory keeps the tensors of up to max_cpu_adapters
-  versions (plus every version a request still pins); others are read again from their directory when needed.
+  versions (plus every version a request still pins); others are read again from their directory when needed, and
+  served only if the files hash to what was validated at registration (otherwise that adapter's requests fail with
+  AdapterChangedError and nothing else changes): a name and version always serve the weights that were checked.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -53,6 +56,7 @@ class AdapterInfo:
     path: Path
     method: str
     version: int
+    digest: str = ""  # sha256 of the files as validated: what a restarted core must find again to serve it
 
 
 @dataclass
@@ -74,6 +78,7 @@ class _Version:
     path: Path
     method: str
     weights: LoadedAdapter | None  # host copy; None when dropped from the host cache
+    digest: str  # the validated files' content hash: a re-read must match it, or the version is not served
     pins: int = 0  # requests (running or waiting) that use this version
 
 
@@ -116,24 +121,44 @@ class AdapterManager:
         infos = []
         for name, ref in self._current.items():
             version = self._versions[ref]
-            infos.append(AdapterInfo(name, version.path, version.method, ref.version))
+            infos.append(AdapterInfo(name, version.path, version.method, ref.version, version.digest))
         return infos
 
-    def register(self, name: str, path: str | Path, replace: bool = False) -> AdapterInfo:
-        """Validates and registers the adapter in `path` under `name` (a new version when replacing)."""
+    def register(
+        self, name: str, path: str | Path, replace: bool = False, expected_digest: str | None = None
+    ) -> AdapterInfo:
+        """Validates and registers the adapter in `path` under `name` (a new version when replacing).
+
+        expected_digest: the files must be exactly those (a restarted core re-registering what was served).
+        """
         if name in self._current and not replace:
             raise AdapterError(f"an adapter named {name!r} is already loaded")
-        weights = load_adapter(path, self.model)
+        weights = load_adapter(path, self.model, expected_digest, self.max_adapter_bytes)
         self._check_limits(weights)
         ref = AdapterRef(name, next(self._version_ids))
-        self._versions[ref] = _Version(ref, Path(path), weights.config.method, weights)
+        self._versions[ref] = _Version(ref, Path(path), weights.config.method, weights, weights.digest)
         self._touch_host(ref)
         old = self._current.get(name)
         self._current[name] = ref
         if old is not None:
             self._retire(old)
         logger.info("registered adapter %s v%d (%s) from %s", name, ref.version, weights.config.method, path)
-        return AdapterInfo(name, Path(path), weights.config.method, ref.version)
+        return AdapterInfo(name, Path(path), weights.config.method, ref.version, weights.digest)
+
+    @functools.cached_property
+    def max_adapter_bytes(self) -> int:
+        """The largest weights file an adapter within the limits can have (fp32, every linear adapted with
+        max_lora_experts experts of max_lora_rank, a router and IA3 vectors, plus every routed expert for ESFT):
+        files above it are refused before they are read, so no adapter can make serving allocate more."""
+        experts, rank = self.limits.max_lora_experts, self.limits.max_lora_rank
+        total = 1 << 20  # the header and ESFT's score tensors
+        for module in self.model.modules():
+            if isinstance(module, (nn.Linear, AdaptedLinear)):
+                i, o = module.in_features, module.out_features
+                total += 4 * experts * (rank * (i + o) + i + max(i, o))
+            elif isinstance(module, SparseMoeBlock):
+                total += 4 * (module.experts.gate_up_proj.numel() + module.experts.down_proj.numel())
+        return total
 
     def unregister(self, name: str) -> None:
         """New requests for `name` are refused from now on; requests already using it finish on its weights."""
@@ -264,8 +289,8 @@ class AdapterManager:
 
     def _host_weights(self, ref: AdapterRef) -> LoadedAdapter:
         version = self._versions[ref]
-        if version.weights is None:
-            version.weights = load_adapter(version.path, self.model)
+        if version.weights is None:  # AdapterChangedError if the files are not the ones validated at registration
+            version.weights = load_adapter(version.path, self.model, version.digest, self.max_adapter_bytes)
             self.stats.host_loads += 1
         self._touch_host(ref)
         return version.weights

@@ -105,13 +105,19 @@ def _scale_for(config: LoraConfig, key: str, rank: int) -> float:
     return scale
 
 
-def load_peft_lora(adapter: LoadedAdapter, model: DecoderForCausalLM) -> None:
-    """Fills adapter.modules (linears) and adapter.expert_lora (routed experts) from the PEFT adapter directory."""
+def load_peft_lora(
+    adapter: LoadedAdapter, model: DecoderForCausalLM, tensors: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Fills adapter.modules (linears) and adapter.expert_lora (routed experts) from the PEFT adapter directory.
+
+    tensors: the weights already read (and hashed) by the caller; otherwise PEFT reads them from the directory.
+    """
     config = read_peft_config(adapter.path)
-    try:
-        tensors = load_peft_weights(str(adapter.path), device="cpu")
-    except Exception as exc:  # safetensors and torch raise their own types for truncated or corrupt files
-        raise AdapterError(f"cannot read the LoRA weights in {adapter.path}: {exc}") from exc
+    if tensors is None:
+        try:
+            tensors = load_peft_weights(str(adapter.path), device="cpu")
+        except Exception as exc:  # safetensors and torch raise their own types for truncated or corrupt files
+            raise AdapterError(f"cannot read the LoRA weights in {adapter.path}: {exc}") from exc
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _PAIR.match(key.removeprefix(_PREFIX)) if key.startswith(_PREFIX) else None

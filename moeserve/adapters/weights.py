@@ -12,20 +12,22 @@ Tensor names (written by moeserve.training; see docs/training.md):
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from moeserve.adapters.config import WEIGHTS_NAME, AdapterConfig, AdapterError
+from moeserve.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, AdapterError
 from moeserve.models.decoder import DecoderForCausalLM
 from moeserve.models.moe import SparseMoeBlock
 
 _ESFT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _EXPERT_KEY = re.compile(r"^(.+)\.(router\.weight|lora_A|lora_B|ia3)$")
+_LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 @dataclass
@@ -68,6 +70,7 @@ class ExpertLoRAWeights:
 class LoadedAdapter:
     config: AdapterConfig
     path: Path
+    digest: str = ""  # sha256 of adapter_config.json and the weights file, as validated
     experts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # ESFT
     modules: dict[str, ModuleWeights] = field(default_factory=dict)  # our module path -> its delta
     expert_lora: dict[int, ExpertLoRAWeights] = field(default_factory=dict)  # MoE layer -> LoRA on its experts
@@ -84,13 +87,35 @@ class LoadedAdapter:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
+class AdapterChangedError(AdapterError):
+    """An adapter's files differ from what was validated when it was registered (overwritten, or deleted)."""
+
+
+def _read(path: Path, max_bytes: int | None) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of the weights file and the content digest of the directory (config and weights, as read).
+
+    The weights are parsed from the very bytes that are hashed, so what a digest vouches for is what is served.
+    """
     file = path / WEIGHTS_NAME
     if not file.is_file():
         raise AdapterError(f"adapter weights {file} are missing")
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        size = file.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise AdapterError(
+                f"adapter weights {file} are {size} bytes, more than the {max_bytes} bytes the largest adapter "
+                "these limits allow can take (--max-lora-rank, --max-lora-experts)"
+            )
+        data = file.read_bytes()
+        config_bytes = (path / CONFIG_NAME).read_bytes()
+    except OSError as exc:
+        raise AdapterError(f"cannot read {path}: {exc}") from exc
+    digest = hashlib.sha256()
+    for part in (config_bytes, data):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    try:
+        return safetensors.torch.load(data), digest.hexdigest()
     except Exception as exc:  # safetensors raises its own types for truncated or corrupt files
         raise AdapterError(f"cannot read {file}: {exc}") from exc
 
@@ -113,19 +138,35 @@ def find_linear(model: DecoderForCausalLM, hf_path: str, key: str) -> tuple[str,
     return path, module
 
 
-def load_adapter(path: str | Path, model: DecoderForCausalLM) -> LoadedAdapter:
-    """The adapter in `path`, validated for `model` (base fingerprint, tensor names and shapes)."""
+def load_adapter(
+    path: str | Path, model: DecoderForCausalLM, expected_digest: str | None = None, max_bytes: int | None = None
+) -> LoadedAdapter:
+    """The adapter in `path`, validated for `model` (base fingerprint, config fields, tensor names and shapes).
+
+    expected_digest: the digest this adapter had when it was registered; AdapterChangedError if the files now differ
+    (or are gone). max_bytes: the largest weights file accepted, checked before it is read.
+    """
     path = Path(path)
-    config = AdapterConfig.load(path)
-    config.check_base(model.config)
-    tensors = _read(path)
-    adapter = LoadedAdapter(config, path)
+    try:
+        config = AdapterConfig.load(path)
+        config.check_base(model.config)
+        tensors, digest = _read(path, max_bytes)
+    except AdapterError as exc:
+        if expected_digest is not None:
+            raise AdapterChangedError(f"the adapter files in {path} changed or vanished since it was loaded: {exc}")
+        raise
+    if expected_digest is not None and digest != expected_digest:
+        raise AdapterChangedError(
+            f"the adapter files in {path} changed since they were loaded and validated: load the adapter again to "
+            "serve the new files"
+        )
+    adapter = LoadedAdapter(config, path, digest)
     if config.is_esft:
         _load_esft(adapter, tensors, model)
     elif config.method == "lora":
         from moeserve.adapters.peft_lora import load_peft_lora  # it imports this module
 
-        load_peft_lora(adapter, model)
+        load_peft_lora(adapter, model, tensors)  # the very tensors that were hashed
     else:
         _load_lora_experts(adapter, tensors, model)
     return adapter
@@ -178,6 +219,11 @@ def _load_lora_experts(adapter: LoadedAdapter, tensors: dict[str, torch.Tensor],
             raise AdapterError(f"unexpected tensor {key!r} in a {config.method} adapter")
         parts.setdefault(m[1], {})[m[2]] = tensor
     ia3 = config.expert_kind == "ia3"
+    num_layers = model.spec.num_layers
+    if isinstance(config.num_experts, list) and len(config.num_experts) != num_layers:
+        raise AdapterError(
+            f"num_experts lists {len(config.num_experts)} expert counts; the base model has {num_layers} layers"
+        )
     for hf_path, p in parts.items():
         path, linear = find_linear(model, hf_path, hf_path)
         needed = {"ia3"} if ia3 else {"lora_A", "lora_B"}
@@ -187,17 +233,38 @@ def _load_lora_experts(adapter: LoadedAdapter, tensors: dict[str, torch.Tensor],
         if ia3:
             w.ia3_input = any(hf_path.endswith(s) for s in config.ia3_scale_input)
             dim = linear.in_features if w.ia3_input else linear.out_features
+            if p["ia3"].dim() != 2:
+                raise AdapterError(f"adapter tensor {hf_path}.ia3 must be [experts, dim]")
             num = p["ia3"].shape[0]
             w.ia3 = expect(p["ia3"], (num, dim), f"{hf_path}.ia3")
             router_dim = dim
         else:
+            if p["lora_A"].dim() != 3:
+                raise AdapterError(f"adapter tensor {hf_path}.lora_A must be [experts, rank, in]")
             num, rank = p["lora_A"].shape[:2]
+            if rank != config.rank:
+                raise AdapterError(
+                    f"adapter tensor {hf_path}.lora_A has rank {rank}; adapter_config.json says {config.rank}"
+                )
             w.lora_a = expect(p["lora_A"], (num, rank, linear.in_features), f"{hf_path}.lora_A")
             w.lora_b = expect(p["lora_B"], (num, linear.out_features, rank), f"{hf_path}.lora_B")
             w.scale = config.alpha / config.rank
             router_dim = linear.in_features
+        layer = _layer_of(hf_path)
+        if config.num_experts is not None and layer is not None and num != config.experts_in_layer(layer):
+            raise AdapterError(
+                f"{hf_path} has {num} experts; adapter_config.json's num_experts gives layer {layer} "
+                f"{config.experts_in_layer(layer)}"
+            )
+        if config.top_k is not None and config.top_k > num and config.num_experts is None:
+            raise AdapterError(f"top_k {config.top_k} is more than the {num} experts of {hf_path}")
         if "router.weight" in p:
             w.router = expect(p["router.weight"], (num, router_dim), f"{hf_path}.router.weight")
         elif num != 1:
             raise AdapterError(f"{config.method} adapter has {num} experts but no router for {hf_path!r}")
         adapter.modules[path] = w
+
+
+def _layer_of(hf_path: str) -> int | None:
+    m = _LAYER.search(hf_path)
+    return int(m[1]) if m else None
