@@ -18,9 +18,10 @@ import logging
 import multiprocessing
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
+from moeserve.adapters.config import AdapterError
 from moeserve.engine.config import EngineConfig
 from moeserve.engine.core import EngineCore
 from moeserve.engine.core_messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
@@ -36,6 +37,8 @@ class CoreInfo:
     vocab_size: int
     pid: int
     num_blocks: int = 0  # KV-cache blocks (for vllm:cache_config_info)
+    adapter_digests: dict[str, str] = field(default_factory=dict)  # name -> content digest of what was registered
+    dropped_adapters: dict[str, str] = field(default_factory=dict)  # name -> why a restart could not register it
 
 
 # The calls the front end may make on the core between steps (adapter management and stats).
@@ -95,23 +98,35 @@ class _CoreServer:
                 started = time.monotonic()
                 outputs = core.step()
                 conn.send(("outputs", EngineCoreOutputs(outputs, core.stats(), started)))
+            else:  # the messages changed the state without a step (aborts, adapters): publish the new snapshot
+                conn.send(("outputs", EngineCoreOutputs([], core.stats(), time.monotonic())))
 
 
-def run_engine_core(config: EngineConfig, adapters: list[tuple[str, str]], conn: Connection) -> None:
-    """Entry point of the core process: build the core, register the adapters, serve the pipe until shutdown."""
+def run_engine_core(config: EngineConfig, adapters: list[tuple[str, str, str | None]], conn: Connection) -> None:
+    """Entry point of the core process: build the core, register the adapters, serve the pipe until shutdown.
+
+    adapters: (name, path, digest). Without a digest (the adapters named at start) a bad adapter fails the start;
+    with one (a restart re-registering what was served) an adapter whose files changed is dropped, not served.
+    """
     # Ctrl-C reaches the whole process group; the front end decides when the core stops (it sends "shutdown").
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dropped: dict[str, str] = {}
     try:
         core = EngineCore(config)
-        for name, path in adapters:
-            core.adapters.register(name, path)
+        for name, path, digest in adapters:
+            try:
+                core.adapters.register(name, path, expected_digest=digest)
+            except AdapterError as exc:
+                if digest is None:
+                    raise
+                dropped[name] = str(exc)
     except Exception as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    info = CoreInfo(
-        core.max_model_len, core.model.spec.vocab_size, multiprocessing.current_process().pid, core.kv.pool.num_blocks
-    )
+    digests = {info.name: info.digest for info in core.adapters.list()}
+    pid = multiprocessing.current_process().pid
+    info = CoreInfo(core.max_model_len, core.model.spec.vocab_size, pid, core.kv.pool.num_blocks, digests, dropped)
     conn.send(("ready", info))
     try:
         _CoreServer(core, conn).run()
@@ -124,7 +139,7 @@ class CoreStartError(RuntimeError):
 
 
 def start_core_process(
-    config: EngineConfig, adapters: list[tuple[str, str]], timeout: float = 600.0
+    config: EngineConfig, adapters: list[tuple[str, str, str | None]], timeout: float = 600.0
 ) -> tuple[multiprocessing.Process, Connection, CoreInfo]:
     """Spawns the core process and waits until it has loaded the model and the adapters."""
     ctx = multiprocessing.get_context("spawn")  # no fork: the front end has threads (uvicorn, tokenizers)

@@ -15,12 +15,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeserve import __version__
 from moeserve.adapters import AdapterError
 from moeserve.adapters.manager import UnknownAdapterError
 from moeserve.server.async_engine import AsyncEngine, EngineDeadError
-from moeserve.server.errors import APIError, api_error_handler, error_response, validation_error_handler
+from moeserve.server.errors import (
+    APIError,
+    api_error_handler,
+    error_response,
+    http_error_handler,
+    internal_error_handler,
+    validation_error_handler,
+)
 from moeserve.server.metrics import ServerMetrics
 from moeserve.server.protocol import (
     ChatCompletionRequest,
@@ -61,13 +69,28 @@ class ServerConfig:
     allow_credentials: bool = False
     tool_call_parser: str | None = None  # parses "auto" tool calls out of chat answers (vLLM's --tool-call-parser)
 
+    def _inside(self, path: Path) -> bool:
+        return any(path == root.resolve() or root.resolve() in path.parents for root in self.allowed_adapter_dirs)
+
     def allowed_path(self, raw: str) -> Path:
-        """The adapter path, resolved, if it lies inside an allowed directory; 400 otherwise."""
-        path = Path(raw).expanduser().resolve()
-        for root in self.allowed_adapter_dirs:
-            if path == root.resolve() or root.resolve() in path.parents:
-                return path
-        raise APIError(400, f"adapter path {raw!r} is outside the allowed adapter directories", "lora_path")
+        """The adapter path, resolved, if it and every file in it lie inside an allowed directory (a weight file
+        that is a symlink to elsewhere is refused too); 400 otherwise."""
+        try:
+            path = Path(raw).expanduser().resolve()
+            files = [f.resolve() for f in path.iterdir()] if path.is_dir() else []
+        except (OSError, ValueError, RuntimeError) as exc:  # a symlink loop, a name the OS refuses, ...
+            raise APIError(400, f"adapter path {raw!r} cannot be resolved: {exc}", "lora_path") from exc
+        if not self._inside(path):
+            raise APIError(400, f"adapter path {raw!r} is outside the allowed adapter directories", "lora_path")
+        outside = [f.name for f in files if not self._inside(f)]
+        if outside:
+            raise APIError(
+                400,
+                f"adapter path {raw!r} holds files that link outside the allowed adapter directories: "
+                + ", ".join(sorted(outside)),
+                "lora_path",
+            )
+        return path
 
 
 class APIKeyMiddleware:
@@ -95,6 +118,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     engine.on_step = metrics.observe_step
     cache = engine.config.cache
     metrics.set_cache_config(cache.block_size, engine.info.num_blocks, cache.enable_prefix_caching)
+    engine.on_abort = metrics.observe_abort
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -107,8 +131,11 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="moeserve", version=__version__, lifespan=lifespan)
     app.state.async_engine = engine
+    app.state.shutdown_timeout = config.shutdown_timeout  # launch.GracefulServer drains the engine with it
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, internal_error_handler)
 
     async def engine_dead_handler(_: Request, exc: EngineDeadError) -> JSONResponse:
         return error_response(503, str(exc))  # the core is down or restarting: try again shortly
@@ -211,8 +238,9 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        if engine.error is None:
-            metrics.observe_step([], await engine.call("stats"))  # gauges current even while idle
+        # The gauges are the core's last published snapshot (after every step, and after every message that
+        # changed its state while idle): nothing here reads the scheduler.
+        metrics.observe_step([], engine.stats)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -16,14 +16,16 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
 
+from moeserve.adapters.config import AdapterError
 from moeserve.adapters.manager import AdapterInfo, UnknownAdapterError
 from moeserve.engine.config import EngineConfig
-from moeserve.engine.core_messages import EngineCoreOutputs, SchedulerStats
+from moeserve.engine.core_messages import EngineCoreOutputs, SchedulerStats, StepFailedError
 from moeserve.engine.core_process import CoreInfo, start_core_process
 from moeserve.engine.input_processor import InputProcessor
 from moeserve.engine.output_processor import OutputProcessor
@@ -38,10 +40,23 @@ class QueueFullError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    pass
+    """The core is down, restarting, or the server is shutting down: a 503."""
 
 
-_ERROR_KINDS: dict[str, type[Exception]] = {"UnknownAdapterError": UnknownAdapterError}
+@dataclass
+class _Cut:
+    """Put in a request's stream to end it from the front end: the request is aborted in the core."""
+
+    error: Exception
+
+
+# The core's per-request errors (EngineCoreOutput.error_kind) as the front end raises them; others are ValueErrors.
+_ERROR_KINDS: dict[str, type[Exception]] = {
+    "UnknownAdapterError": UnknownAdapterError,
+    "AdapterError": AdapterError,
+    "AdapterChangedError": AdapterError,
+    "StepFailedError": StepFailedError,
+}
 
 
 class AsyncEngine:
@@ -58,9 +73,11 @@ class AsyncEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         # name -> path of every registered adapter, in registration order: what a restarted core loads.
         self.adapters: dict[str, Path] = {name: Path(path) for name, path in (adapters or {}).items()}
+        self._digests: dict[str, str] = {}  # name -> content digest of the files validated at registration
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = SchedulerStats()
         self.on_step: Callable[[list[RequestOutput], SchedulerStats], None] | None = None  # metrics hook
+        self.on_abort: Callable[[str], None] | None = None  # metrics hook: a request ended early by the front end
         self.restarts = 0
         self._streams: dict[str, asyncio.Queue] = {}  # request id -> its outputs, as they come
         self._calls: dict[int, asyncio.Future] = {}
@@ -69,14 +86,20 @@ class AsyncEngine:
         self._ready: asyncio.Event | None = None
         self._error: str | None = None  # why the core is down (None while it serves)
         self._closing = False
+        self._draining = False  # shutting down: new requests are refused
         self._spawn()  # synchronously: a bad model or adapter fails `moeserve serve` at start
 
     # --- the core process ---
 
     def _spawn(self) -> None:
-        adapters = [(name, str(path)) for name, path in self.adapters.items()]
+        adapters = [(name, str(path), self._digests.get(name)) for name, path in self.adapters.items()]
         self.proc, self.conn, info = start_core_process(self.config, adapters, self.start_timeout)
         self.info: CoreInfo = info
+        self._digests.update(info.adapter_digests)
+        for name, reason in info.dropped_adapters.items():  # changed on disk since: never served under that name
+            logger.error("adapter %s is no longer served: %s", name, reason)
+            self.adapters.pop(name, None)
+            self._digests.pop(name, None)
         self.inputs = InputProcessor(self.tokenizer, info.vocab_size, info.max_model_len)
 
     @property
@@ -139,7 +162,7 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            stream.put_nowait(out)
+            stream.put_nowait(out if out.error is None else StepFailedError(out.error))  # detokenizing failed
 
     def _on_core_death(self) -> None:
         self._loop.remove_reader(self.conn.fileno())
@@ -203,11 +226,13 @@ class AsyncEngine:
     async def register_adapter(self, name: str, path: Path) -> AdapterInfo:
         info = await self.call("register_adapter", name, str(path))
         self.adapters[name] = Path(path)
+        self._digests[name] = info.digest
         return info
 
     async def unregister_adapter(self, name: str) -> None:
         await self.call("unregister_adapter", name)
         self.adapters.pop(name, None)
+        self._digests.pop(name, None)
 
     async def list_adapters(self) -> list[AdapterInfo]:
         return await self.call("list_adapters")
@@ -225,8 +250,14 @@ class AsyncEngine:
         params: SamplingParams,
         adapter: str | None = None,
         index: int = 0,
+        prompt_text: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yields the request's outputs as the core produces them; closing the iteration early aborts the request."""
+        """Yields the request's outputs as the core produces them; closing the iteration early aborts the request.
+
+        `prompt_text`: the text of a prompt given as token ids (the server tokenizes before it gets here), for echo.
+        """
+        if self._draining:
+            raise EngineDeadError("the server is shutting down")
         await self._wait_ready()
         if self.max_waiting is not None and self.num_waiting >= self.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
@@ -238,11 +269,13 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         self._send(("add", request))
         self._streams[request_id] = stream
-        self.outputs.add(request, prompt if isinstance(prompt, str) else None, index)
+        self.outputs.add(request, prompt if isinstance(prompt, str) else prompt_text, index)
         finished = False
         try:
             while True:
                 item = await stream.get()
+                if isinstance(item, _Cut):
+                    raise item.error  # the front end ends it (shutdown): finished=False, so the core aborts it
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -251,20 +284,30 @@ class AsyncEngine:
                     finished = True
                     return
         finally:
-            if not finished:  # the client went away or the handler failed: free the request's KV blocks
+            if not finished:  # the client went away, the handler failed, or shutdown: free the request's KV blocks
                 self._streams.pop(request_id, None)
                 self.outputs.abort(request_id)
+                if self.on_abort is not None:
+                    self.on_abort(request_id)
                 if self._error is None:
-                    self._send(("abort", [request_id]))
+                    try:
+                        self._send(("abort", [request_id]))
+                    except EngineDeadError:
+                        pass  # the core died meanwhile: nothing of the request is left there
 
     async def drain(self, timeout: float) -> None:
-        """Waits up to `timeout` seconds for running requests to finish, then ends the rest with an error."""
+        """Shutdown: refuses new requests, waits up to `timeout` seconds for running ones to finish, then ends the
+        rest with EngineDeadError (streams: an error event and [DONE]; waiting clients: a 503), aborted in the core."""
+        self._draining = True
         deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for stream in self._streams.values():
-            stream.put_nowait(EngineDeadError("the server is shutting down"))
-        self._streams.clear()
+        if self._streams:
+            logger.warning("shutdown timeout: ending %d requests still running", len(self._streams))
+        for stream in list(self._streams.values()):
+            stream.put_nowait(_Cut(EngineDeadError("the server is shutting down: the request was aborted")))
+        while self._streams and time.monotonic() < deadline + 5:  # their handlers answer and abort them
+            await asyncio.sleep(0.01)
 
     def shutdown(self) -> None:
         self._closing = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -26,8 +27,33 @@ def build_server(
     return build_app(AsyncEngine(engine_config, adapters, max_waiting=max_waiting), server_config)
 
 
+# What uvicorn still waits for connections after the engine's drain has ended every request (their last bytes).
+_GRACE_AFTER_DRAIN = 5.0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, with the engine drained when shutdown begins: running requests get the app's shutdown_timeout to
+    finish, then every open stream ends with an error event and [DONE] and every waiting client gets a 503, before
+    uvicorn's own graceful timeout (which would cut them mid-body) can run out."""
+
+    async def shutdown(self, sockets=None) -> None:
+        app = self.config.app
+        engine = getattr(app.state, "async_engine", None)
+        drained = None
+        if engine is not None:
+            drained = asyncio.create_task(engine.drain(app.state.shutdown_timeout))
+        await super().shutdown(sockets)
+        if drained is not None:
+            await drained
+
+
+def server_config(app, log_level: str = "info", **kwargs) -> uvicorn.Config:
+    timeout = getattr(app.state, "shutdown_timeout", 30.0) + _GRACE_AFTER_DRAIN
+    return uvicorn.Config(app, log_level=log_level.lower(), timeout_graceful_shutdown=timeout, **kwargs)
+
+
 def serve(app, host: str, port: int, log_level: str = "info") -> None:
-    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=30)
+    GracefulServer(server_config(app, log_level, host=host, port=port)).run()
 
 
 class BackgroundServer:
@@ -38,7 +64,7 @@ class BackgroundServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.host, self.port = self.sock.getsockname()
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = GracefulServer(server_config(app, "warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property

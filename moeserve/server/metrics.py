@@ -105,6 +105,13 @@ class ServerMetrics:
         with self._lock:
             self._observe(outputs, stats)
 
+    def observe_abort(self, request_id: str) -> None:
+        """A request the front end ended early (its client went away, the server shut down): counted under
+        finished_reason="abort", as vLLM counts them."""
+        with self._lock:
+            self._last_token_time.pop(request_id, None)
+            self.request_success.labels(self.model_name, "abort").inc()
+
     def _observe(self, outputs: list[RequestOutput], stats: SchedulerStats) -> None:
         now, m = time.monotonic(), self.model_name
         self.running.labels(m).set(stats.num_running)
