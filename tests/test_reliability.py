@@ -244,7 +244,7 @@ def test_failures_inside_the_core_stay_with_their_requests(tiny_dir, tmp_path):
 
 
 def test_schemathesis_against_openapi(served):
-    schemathesis = pytest.importorskip("schemathesis")
+    import schemathesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
