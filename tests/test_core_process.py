@@ -61,8 +61,9 @@ def test_killed_core_fails_streams_restarts_and_serves_the_same(served):
     events: list[str] = []
 
     def stream():
+        # max_tokens null: until the context is full
         body = {"model": "esft", "prompt": PROMPT, "max_tokens": None, "ignore_eos": True, "stream": True,
-                "temperature": 0}  # fmt: skip  (max_tokens null: until the context is full)
+                "temperature": 0}  # fmt: skip
         with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", "/v1/completions", json=body) as r:
             for line in r.iter_lines():
                 if line.startswith("data:"):
