@@ -60,11 +60,11 @@ def catalogue() -> list[tuple[str, str, str, object, int]]:
         ("temperature", "hot"), ("temperature", [1]), ("top_p", "x"), ("n", "two"), ("n", 1.5),
         ("max_tokens", 2.5), ("max_tokens", "many"), ("seed", "s"), ("seed", 1.5), ("stop", 5), ("stop", [1, 2]),
         ("logprobs", "a"), ("prompt", 5), ("prompt", None), ("prompt", {"a": 1}), ("prompt", [1.5]),
-        ("prompt", [[1, 2], ["a"]]), ("model", 5), ("model", None), ("top_k", "all"), ("stream", {"x": 1}),
+        ("prompt", [[1, 2], ["a"]]), ("model", 5), ("model", ["base"]), ("top_k", "all"), ("stream", {"x": 1}),
         ("stop_token_ids", "1"), ("stream_options", "yes"), ("echo", [True]),
     ]:  # fmt: skip
         add(f"type {field}={value!r}", _c(**{field: value}))
-    add("missing model", _c(model=_DROP))
+    add("misspelt field", _c(temprature=0.5))
     add("missing prompt", _c(prompt=_DROP))
     # --- ranges ---
     for field, value in [

@@ -351,3 +351,27 @@ def test_sigterm_ends_every_stream_and_exits_in_time(tiny_dir, tmp_path):
     (answer,) = answers
     if answer.status_code != 200:
         openai_error(answer, 503)
+
+
+def test_adapter_rereads_run_off_the_step(tiny_dir, tmp_path):
+    """An adapter dropped from host memory is read again in the reader thread: the step that needs it runs without
+    its request (the base request goes on), and the request is served the same answer once the files are in."""
+    base = tiny_dir("olmoe")
+    a, b = make_esft(base, tmp_path / "a", seed=1)[0], make_esft(base, tmp_path / "b", seed=2)[0]
+    llm = LLM(base, num_kv_blocks=64, max_model_len=64, max_adapters=1, max_cpu_adapters=1,
+              adapters={"a": str(a), "b": str(b)})  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    expected = llm.generate(PROMPT, params, adapter="a")[0].outputs[0].text
+    llm.generate(PROMPT, params, adapter="b")  # takes the slot and the one host copy from "a"
+    engine = llm.engine
+    reads = engine.adapters.stats.host_loads
+    engine.add_request("base", PROMPT, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.step()
+    engine.add_request("a", PROMPT, params, adapter="a")
+    outs = engine.step()
+    assert engine.adapters.reading and [o.request_id for o in outs] == ["base"]
+    assert engine.adapters.stats.host_loads == reads  # nothing was read on the step's thread
+    texts = {}
+    while engine.has_unfinished_requests():
+        texts |= {o.request_id: o.outputs[0].text for o in engine.step() if o.finished}
+    assert texts["a"] == expected and engine.adapters.stats.host_loads == reads + 1

@@ -6,9 +6,11 @@
   requests use it lets those finish on the old weights while new requests get the new ones.
 - Device slots (1..max_slots; 0 is the base model) hold resident versions. A slot is taken from a version only when
   no running request uses it (least recently used first). Host memory keeps the tensors of up to max_cpu_adapters
-  versions (plus every version a request still pins); others are read again from their directory when needed, and
-  served only if the files hash to what was validated at registration (otherwise that adapter's requests fail with
-  AdapterChangedError and nothing else changes): a name and version always serve the weights that were checked.
+  versions (plus every version a request still pins); others are read again from their directory when needed (in
+  a reader thread, while the steps go on without their requests), and served only if the files hash to what was
+  validated at registration (otherwise that adapter's requests fail with AdapterChangedError and nothing else
+  changes): a name and version always serve the weights that were checked. Registrations read their files in the
+  same thread (read_files), so no step waits for a disk.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import itertools
 import logging
 import math
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from moeserve.adapters.expert_lora_slots import ExpertLoRASlots
 from moeserve.adapters.expert_overlay import ExpertOverlay
 from moeserve.adapters.lora_slots import AdaptedLinear
 from moeserve.adapters.router_lora_slots import RouterLoRASlots
-from moeserve.adapters.weights import LoadedAdapter, load_adapter
+from moeserve.adapters.weights import AdapterFiles, LoadedAdapter, build_adapter, load_adapter, read_adapter_files
 from moeserve.models.decoder import DecoderForCausalLM
 from moeserve.models.moe import SparseMoeBlock
 
@@ -108,6 +111,10 @@ class AdapterManager:
         self._clock = itertools.count(1)
         self._version_ids = itertools.count(1)
         self._overlays: dict[int, ExpertOverlay] = {}
+        # Re-reads of adapters dropped from host memory run here, off the step: file I/O and hashing only, the
+        # checks against the model stay on the engine's thread (build_adapter).
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="adapter-reader")
+        self._reading: dict[AdapterRef, Future] = {}
         self._linears: dict[str, AdaptedLinear] = {}
         self._expert_loras: dict[int, ExpertLoRASlots] = {}
         self._router_loras: dict[int, RouterLoRASlots] = {}
@@ -124,16 +131,29 @@ class AdapterManager:
             infos.append(AdapterInfo(name, version.path, version.method, ref.version, version.digest))
         return infos
 
+    def read_files(self, path: str | Path) -> Future:
+        """Reads an adapter directory in the reader thread (AdapterFiles), for register(files=...) afterwards."""
+        return self._reader.submit(read_adapter_files, path, self.max_adapter_bytes)
+
     def register(
-        self, name: str, path: str | Path, replace: bool = False, expected_digest: str | None = None
+        self,
+        name: str,
+        path: str | Path,
+        replace: bool = False,
+        expected_digest: str | None = None,
+        files: AdapterFiles | None = None,
     ) -> AdapterInfo:
         """Validates and registers the adapter in `path` under `name` (a new version when replacing).
 
         expected_digest: the files must be exactly those (a restarted core re-registering what was served).
+        files: the directory as read_files read it (otherwise it is read here).
         """
         if name in self._current and not replace:
             raise AdapterError(f"an adapter named {name!r} is already loaded")
-        weights = load_adapter(path, self.model, expected_digest, self.max_adapter_bytes)
+        if files is None:
+            weights = load_adapter(path, self.model, expected_digest, self.max_adapter_bytes)
+        else:
+            weights = build_adapter(files, self.model, expected_digest)
         self._check_limits(weights)
         ref = AdapterRef(name, next(self._version_ids))
         self._versions[ref] = _Version(ref, Path(path), weights.config.method, weights, weights.digest)
@@ -239,6 +259,8 @@ class AdapterManager:
         """
         index = self.slot_of(ref)
         if index is None:
+            if self._host_weights(ref) is None:
+                return None  # still being read: not this step
             free = [i for i in range(1, self.max_slots + 1) if self._slots[i].ref is None]
             idle = sorted(
                 (i for i in range(1, self.max_slots + 1) if i not in busy and i not in free),
@@ -287,13 +309,28 @@ class AdapterManager:
             router_lora.unload(index)
         slot.ref = None
 
-    def _host_weights(self, ref: AdapterRef) -> LoadedAdapter:
+    def _host_weights(self, ref: AdapterRef) -> LoadedAdapter | None:
+        """ref's weights in host memory; None while they are being read again from disk by the reader thread (the
+        step goes on without this adapter's requests). AdapterChangedError if the files read are not the ones
+        validated at registration."""
         version = self._versions[ref]
-        if version.weights is None:  # AdapterChangedError if the files are not the ones validated at registration
-            version.weights = load_adapter(version.path, self.model, version.digest, self.max_adapter_bytes)
+        if version.weights is None:
+            reading = self._reading.get(ref)
+            if reading is None:
+                self._reading[ref] = self._reader.submit(read_adapter_files, version.path, self.max_adapter_bytes)
+                return None
+            if not reading.done():
+                return None
+            del self._reading[ref]
+            version.weights = build_adapter(reading.result(), self.model, version.digest)  # checks on this thread
             self.stats.host_loads += 1
         self._touch_host(ref)
         return version.weights
+
+    @property
+    def reading(self) -> bool:
+        """Adapter files are being read in the background (the core should not sleep on its pipe)."""
+        return bool(self._reading)
 
     def _touch_host(self, ref: AdapterRef) -> None:
         self._host_lru[ref] = None

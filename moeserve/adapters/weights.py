@@ -138,6 +138,29 @@ def find_linear(model: DecoderForCausalLM, hf_path: str, key: str) -> tuple[str,
     return path, module
 
 
+@dataclass
+class AdapterFiles:
+    """An adapter directory as read from disk, not yet checked against a model (read_adapter_files)."""
+
+    path: Path
+    config: AdapterConfig | None  # None when reading failed (error says why)
+    tensors: dict[str, torch.Tensor]
+    digest: str
+    error: AdapterError | None = None
+
+
+def read_adapter_files(path: str | Path, max_bytes: int | None = None) -> AdapterFiles:
+    """Reads and parses an adapter directory: the file I/O and hashing, safe to run in a worker thread (it does not
+    touch the model). Errors are returned in `error`, for build_adapter to raise where the caller wants them."""
+    path = Path(path)
+    try:
+        config = AdapterConfig.load(path)
+        tensors, digest = _read(path, max_bytes)
+    except AdapterError as exc:
+        return AdapterFiles(path, None, {}, "", exc)
+    return AdapterFiles(path, config, tensors, digest)
+
+
 def load_adapter(
     path: str | Path, model: DecoderForCausalLM, expected_digest: str | None = None, max_bytes: int | None = None
 ) -> LoadedAdapter:
@@ -146,21 +169,26 @@ def load_adapter(
     expected_digest: the digest this adapter had when it was registered; AdapterChangedError if the files now differ
     (or are gone). max_bytes: the largest weights file accepted, checked before it is read.
     """
-    path = Path(path)
-    try:
-        config = AdapterConfig.load(path)
-        config.check_base(model.config)
-        tensors, digest = _read(path, max_bytes)
-    except AdapterError as exc:
+    return build_adapter(read_adapter_files(path, max_bytes), model, expected_digest)
+
+
+def build_adapter(files: AdapterFiles, model: DecoderForCausalLM, expected_digest: str | None = None) -> LoadedAdapter:
+    """The adapter read in `files`, validated for `model` (see load_adapter)."""
+    path = files.path
+    if files.error is not None:
         if expected_digest is not None:
-            raise AdapterChangedError(f"the adapter files in {path} changed or vanished since it was loaded: {exc}")
-        raise
-    if expected_digest is not None and digest != expected_digest:
+            raise AdapterChangedError(
+                f"the adapter files in {path} changed or vanished since it was loaded: {files.error}"
+            )
+        raise files.error
+    if expected_digest is not None and files.digest != expected_digest:
         raise AdapterChangedError(
             f"the adapter files in {path} changed since they were loaded and validated: load the adapter again to "
             "serve the new files"
         )
-    adapter = LoadedAdapter(config, path, digest)
+    config, tensors = files.config, files.tensors
+    config.check_base(model.config)
+    adapter = LoadedAdapter(config, path, files.digest)
     if config.is_esft:
         _load_esft(adapter, tensors, model)
     elif config.method == "lora":

@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import signal
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -49,9 +50,32 @@ class _CoreServer:
     def __init__(self, core: EngineCore, conn: Connection) -> None:
         self.core = core
         self.conn = conn
+        # register_adapter calls whose files the reader thread is still reading: (call id, name, replace, files)
+        self.registering: list[tuple[int, str, bool, Future]] = []
 
     def register_adapter(self, name: str, path: str, replace: bool = False):
         return self.core.adapters.register(name, path, replace=replace)
+
+    def _start_registering(self, call_id: int, name: str, path: str, replace: bool = False) -> None:
+        """Reads the adapter's files off the engine's thread; the steps go on, the call is answered when done."""
+        self.registering.append((call_id, name, replace, self.core.adapters.read_files(path)))
+
+    def _finish_registering(self) -> bool:
+        """Answers the register_adapter calls whose files are read; True if there were any."""
+        still = []
+        for call_id, name, replace, read in self.registering:
+            if not read.done():
+                still.append((call_id, name, replace, read))
+                continue
+            try:
+                files = read.result()
+                info = self.core.adapters.register(name, files.path, replace=replace, files=files)
+                self.conn.send(("result", call_id, True, info))
+            except Exception as exc:
+                self.conn.send(("result", call_id, False, exc))
+        finished = len(still) < len(self.registering)
+        self.registering = still
+        return finished
 
     def unregister_adapter(self, name: str) -> None:
         self.core.adapters.unregister(name)
@@ -76,6 +100,9 @@ class _CoreServer:
             self.core.abort_requests(message[1])
         elif kind == "call":
             _, call_id, method, args = message
+            if method == "register_adapter":
+                self._start_registering(call_id, *args)
+                return True
             try:
                 if method not in CALLS:
                     raise ValueError(f"unknown engine core call {method!r}")
@@ -90,15 +117,22 @@ class _CoreServer:
         core, conn = self.core, self.conn
         while True:
             if not core.has_unfinished_requests():
-                conn.poll(None)  # idle: sleep until the front end says something
+                # Idle: sleep until the front end says something (or, while files are being read, briefly).
+                conn.poll(0.002 if self.registering or core.adapters.reading else None)
+            changed = False
             while conn.poll(0):
                 if not self.handle(conn.recv()):
                     return
+                changed = True
+            if self.registering:
+                changed |= self._finish_registering()
             if core.has_unfinished_requests():
                 started = time.monotonic()
                 outputs = core.step()
                 conn.send(("outputs", EngineCoreOutputs(outputs, core.stats(), started)))
-            else:  # the messages changed the state without a step (aborts, adapters): publish the new snapshot
+                if not outputs and core.adapters.reading:
+                    conn.poll(0.002)  # nothing ran: the waiting requests' adapter is still being read
+            elif changed:  # the messages changed the state without a step (aborts, adapters): publish the snapshot
                 conn.send(("outputs", EngineCoreOutputs([], core.stats(), time.monotonic())))
 
 
