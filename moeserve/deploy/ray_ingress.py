@@ -27,7 +27,7 @@ from starlette.requests import Request
 from moeserve.deploy.asgi_call import HTTPRequest, ResponseStart
 from moeserve.deploy.ray_config import RayServeConfig
 from moeserve.deploy.replica_metrics import ReplicaMetrics
-from moeserve.server.errors import APIError, error_response
+from moeserve.server.errors import APIError, error_body, error_response
 from moeserve.server.protocol import LoadAdapterRequest, ModelCard, ModelList, UnloadAdapterRequest
 
 logger = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ class OpenAIIngress:
             if not sse:
                 raise
             message = f"the replica serving this stream died mid-way ({type(exc).__name__}); the request was lost"
-            error = {"error": {"message": message, "type": "ServiceUnavailableError", "code": 503}}
-            yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+            yield f"data: {json.dumps(error_body(503, message))}\n\ndata: [DONE]\n\n".encode()
         finally:
             pieces.cancel()  # the client went away or the stream ended: free the replica's side
 
