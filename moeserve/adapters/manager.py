@@ -168,7 +168,8 @@ class AdapterManager:
     @functools.cached_property
     def max_adapter_bytes(self) -> int:
         """The largest weights file an adapter within the limits can have (fp32, every linear adapted with
-        max_lora_experts experts of max_lora_rank, a router and IA3 vectors, plus every routed expert for ESFT):
+        max_lora_experts experts of max_lora_rank, a router and IA3 vectors, plus every routed expert for ESFT and
+        rank-max_lora_rank LoRA on every routed expert's tables):
         files above it are refused before they are read, so no adapter can make serving allocate more."""
         experts, rank = self.limits.max_lora_experts, self.limits.max_lora_rank
         total = 1 << 20  # the header and ESFT's score tensors
@@ -176,8 +177,10 @@ class AdapterManager:
             if isinstance(module, (nn.Linear, AdaptedLinear)):
                 i, o = module.in_features, module.out_features
                 total += 4 * experts * (rank * (i + o) + i + max(i, o))
-            elif isinstance(module, SparseMoeBlock):
-                total += 4 * (module.experts.gate_up_proj.numel() + module.experts.down_proj.numel())
+            elif isinstance(module, SparseMoeBlock):  # ESFT rows, or LoRA on every routed expert's tables
+                gate_up, down = module.experts.gate_up_proj, module.experts.down_proj
+                total += 4 * (gate_up.numel() + down.numel())
+                total += 4 * gate_up.shape[0] * rank * (sum(gate_up.shape[1:]) + sum(down.shape[1:]))
         return total
 
     def unregister(self, name: str) -> None:
