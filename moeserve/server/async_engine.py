@@ -230,9 +230,11 @@ class AsyncEngine:
         return info
 
     async def unregister_adapter(self, name: str) -> None:
-        await self.call("unregister_adapter", name)
+        # Out of the mirror first: a registration of the same name started meanwhile reaches the core after this
+        # call, so the core ends with the adapter registered exactly when the mirror says so.
         self.adapters.pop(name, None)
         self._digests.pop(name, None)
+        await self.call("unregister_adapter", name)
 
     async def list_adapters(self) -> list[AdapterInfo]:
         return await self.call("list_adapters")
