@@ -72,7 +72,7 @@ def catalogue() -> list[tuple[str, str, str, object, int]]:
         ("top_k", VOCAB + 1), ("top_k", 2**63 - 1), ("top_k", 2**64), ("min_p", -0.1), ("min_p", 1.1),
         ("repetition_penalty", 0), ("repetition_penalty", -1), ("repetition_penalty", 101),
         ("presence_penalty", 2.5), ("presence_penalty", -3), ("frequency_penalty", 3), ("seed", 2**63),
-        ("seed", -(2**63) - 1), ("n", 0), ("n", 129), ("logprobs", -1), ("logprobs", 21), ("max_tokens", 0),
+        ("seed", -(2**63) - 1), ("n", 0), ("n", 129), ("logprobs", -1), ("logprobs", 21), ("max_tokens", -100),
         ("max_tokens", -1), ("max_tokens", CONTEXT), ("max_tokens", 2**63), ("best_of", 0), ("best_of", 2),
         ("suffix", "x"), ("stop", [""]), ("stop", ["s"] * 65), ("stop", "s" * 2000), ("stop_token_ids", [-1]),
         ("stop_token_ids", [VOCAB]), ("stop_token_ids", [1] * 2000), ("prompt", [-1]), ("prompt", [VOCAB]),
