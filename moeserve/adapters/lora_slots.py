@@ -10,8 +10,9 @@ fewer experts are zero-padded (a padded expert is never routed to), so ranks and
     y = (W x) * sum_i g_i(W x) l[slot, i]                            IA3 experts on the output (keys, values)
     y = W (x * sum_i g_i(x) l[slot, i])                              IA3 experts on the input (FFN intermediate)
 
-The routers are evaluated per slot on that slot's tokens (soft softmax, or top-k with optional renormalisation);
-the LoRA delta of all tokens is one grouped computation indexed by (slot, expert).
+Each slot routes with its own rule (soft softmax, or top-k with optional renormalisation). On CPU the adapters of a
+step are padded into batched matmuls (slot_batched_lora.py); on CUDA their routers run per slot and the delta of all
+tokens is one moe_lora call indexed by (slot, expert).
 """
 
 from __future__ import annotations
@@ -208,9 +209,13 @@ class AdaptedLinear(nn.Module):
         """These adapters' LoRA experts and routers, cut to their largest expert count and rank, laid out for
         slot_batched_lora (kept while the same adapters are stepped and none is loaded or unloaded; steps of one
         adapter keep theirs apart, `kind="one"`, so they and mixed steps do not evict each other's)."""
+        return self._cut(kind, lora_slots, lambda: self._make_slot_tables(lora_slots))
+
+    def _cut(self, kind: str, lora_slots: list[int], make):
+        """This kind of cut for these adapters: the one kept from an earlier step if it was for them, else make()."""
         key = tuple(lora_slots)
         if self._cuts.get(kind, (None,))[0] != key:
-            self._cuts[kind] = key, self._make_slot_tables(lora_slots)
+            self._cuts[kind] = key, make()
         return self._cuts[kind][1]
 
     def _make_slot_tables(self, lora_slots: list[int]) -> SlotTables:
@@ -269,16 +274,14 @@ class AdaptedLinear(nn.Module):
             local = torch.zeros(self.num_slots + 1, dtype=torch.long)
             local[lora_slots] = torch.arange(1, len(lora_slots) + 1)  # table slot -> its place in the cut
             step_cache[key] = local.to(lora_a.device)[slots.long()]
-        cut_key = tuple(lora_slots)
-        if self._cuts.get("step_tables", (None,))[0] != cut_key:
+
+        def make():
             index = torch.tensor([0, *lora_slots], device=lora_a.device)  # [P + 1] host data
-            self._cuts["step_tables"] = (
-                cut_key,
-                (
-                    lora_a.index_select(0, index)[:, :experts, :rank].contiguous(),  # [P + 1, E', r', in]
-                    lora_b.index_select(0, index)[:, :experts, :rank].contiguous(),  # [P + 1, E', r', out]
-                    scale.index_select(0, index),  # [P + 1]
-                ),
+            return (
+                lora_a.index_select(0, index)[:, :experts, :rank].contiguous(),  # [P + 1, E', r', in]
+                lora_b.index_select(0, index)[:, :experts, :rank].contiguous(),  # [P + 1, E', r', out]
+                scale.index_select(0, index),  # [P + 1]
             )
-        cut_a, cut_b, cut_scale = self._cuts["step_tables"][1]
+
+        cut_a, cut_b, cut_scale = self._cut("step_tables", lora_slots, make)
         return cut_a, cut_b.transpose(2, 3), cut_scale, step_cache[key]

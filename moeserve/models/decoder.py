@@ -52,7 +52,7 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, H]
-        cos, sin = self.rotary.cos_sin(positions)  # [T, rope/2] each
+        cos, sin = self.rotary.cos_sin(positions)  # [T, rope] each: (cos, cos), (-sin, sin)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)
