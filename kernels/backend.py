@@ -1,7 +1,8 @@
 """Which implementation a kernel dispatcher runs: the Triton kernel or its pure-torch twin.
 
 One switch for every kernel, the environment variable MOESERVE_KERNELS:
-    auto   (default) Triton on CUDA tensors when triton is installed, the twin otherwise;
+    auto   (default) Triton on CUDA tensors when triton is installed; on CPU the native kernel where one applies
+           (native.py), the twin otherwise;
     torch  always the twin;
     triton always Triton. On CPU tensors this needs Triton's interpreter (TRITON_INTERPRET=1 set before triton
            is first imported; the tests use it). Asking for Triton without the interpreter, or without triton

@@ -15,7 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moeserve.kernels.backend import use_triton
+from moeserve.kernels.backend import kernel_mode, use_triton
+from moeserve.kernels.native import native_library, native_ready
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -142,6 +143,54 @@ def _loop(hidden, w13, w2, topk_weights, topk_ids, act) -> torch.Tensor:
     return out
 
 
+NATIVE_MAX_PER_EXPERT = 16  # T*K / R above which the twin's GEMMs (the "loop" path) beat the native kernel
+
+
+def native_fits(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int, activation: str) -> bool:
+    """Whether fused_moe_native takes these operands: float32 on CPU, SiLU, contiguous tables, a decode-sized batch."""
+    return (
+        activation == "silu"
+        and hidden.shape[0] * top_k <= NATIVE_MAX_PER_EXPERT * w2.shape[0]
+        and native_ready(hidden)
+        and w13.dtype == torch.float32
+        and w2.dtype == torch.float32
+        and w13.is_contiguous()
+        and w2.is_contiguous()
+    )
+
+
+def fused_moe_native(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """The native CPU kernel (kernels/csrc/fused_moe_cpu.c), same signature and semantics; float32 and SiLU only
+    (native_fits says when it applies). Each token's result is independent of the rest of the batch."""
+    if activation != "silu":
+        raise ValueError(f"the native fused MoE kernel runs SiLU experts only, not {activation!r}")
+    lib = native_library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not built here (see moeserve.kernels.native)")
+    x = hidden.contiguous()
+    num_tokens, size = x.shape
+    rows, inter = w2.shape[0], w2.shape[-1]
+    ids = topk_ids.to(torch.int64).contiguous()  # [T, K]
+    weights = topk_weights.to(torch.float32).contiguous()  # [T, K]
+    out = torch.empty_like(x)  # [T, H]
+    code = lib.moeserve_fused_moe_f32(
+        x.data_ptr(), num_tokens, size, w13.data_ptr(), w2.data_ptr(), rows, inter,
+        weights.data_ptr(), ids.data_ptr(), ids.shape[1], out.data_ptr(),
+    )  # fmt: skip
+    if code == -1:
+        raise IndexError(f"an expert id is outside the {rows} rows of the expert tables")
+    if code != 0:
+        raise MemoryError("the native fused MoE kernel could not allocate its workspace")
+    return out
+
+
 # name -> path(hidden, w13, w2, topk_weights, topk_ids, act) with T >= 1; tests run each path directly.
 TWIN_PATHS: dict[str, Callable[..., torch.Tensor]] = {"grouped": _grouped, "dense": _dense, "loop": _loop}
 
@@ -158,10 +207,13 @@ def fused_moe(
     e = topk_ids[t, k].
 
     hidden [T, H], w13 [R, 2I, H], w2 [R, H, I], topk_weights [T, K], topk_ids [T, K] int in [0, R).
-    Returns [T, H]. Triton on CUDA, the twin on CPU (see backend.py).
+    Returns [T, H]. Triton on CUDA; on CPU the native kernel for float32 decode-sized batches, the twin otherwise
+    (see backend.py and native.py).
     """
     if use_triton(hidden):
         from moeserve.kernels.fused_moe_triton import fused_moe_triton
 
         return fused_moe_triton(hidden, w13, w2, topk_weights, topk_ids, activation)
+    if native_fits(hidden, w13, w2, topk_ids.shape[1], activation) and kernel_mode() != "torch":
+        return fused_moe_native(hidden, w13, w2, topk_weights, topk_ids, activation)
     return fused_moe_torch(hidden, w13, w2, topk_weights, topk_ids, activation)

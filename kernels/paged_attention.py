@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeserve.kernels.backend import use_triton
+from moeserve.kernels.backend import kernel_mode, use_triton
+from moeserve.kernels.native import native_library, native_ready
 
 
 def paged_decode_attention_torch(
@@ -64,6 +65,55 @@ def paged_decode_attention_torch(
     return out.reshape(num_seqs, q.shape[1], -1)
 
 
+def native_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether paged_decode_attention_native takes these operands: float32 on CPU, caches with a contiguous last dim."""
+    return (
+        native_ready(q)
+        and k_cache.dtype == torch.float32
+        and v_cache.dtype == torch.float32
+        and k_cache.stride(-1) == 1
+        and v_cache.stride(-1) == 1
+    )
+
+
+def paged_decode_attention_native(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    max_context_len: int | None = None,
+) -> torch.Tensor:
+    """The native CPU kernel (kernels/csrc/paged_attention_cpu.c), same signature and semantics: reads keys and values
+    in place through the block tables, float32 only (native_attention_fits says when it applies). max_context_len
+    is not needed (the kernel reads each sequence's own length)."""
+    lib = native_library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not built here (see moeserve.kernels.native)")
+    num_seqs, q_heads, head_dim = q.shape
+    kv_heads, v_dim = k_cache.shape[2], v_cache.shape[-1]
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads do not split into groups over {kv_heads} key/value heads")
+    q = q.contiguous()
+    tables = block_tables.to(torch.int32)
+    if tables.stride(-1) != 1:
+        tables = tables.contiguous()
+    lens = context_lens.to(torch.int32).contiguous()  # [B]
+    out = q.new_empty(num_seqs, q_heads, v_dim)  # [B, Hq, Dv]
+    code = lib.moeserve_paged_decode_attention_f32(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+        num_seqs, q_heads, kv_heads, head_dim, v_dim, k_cache.shape[0], k_cache.shape[1], tables.shape[1],
+        tables.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], scale, sliding_window or 0, out.data_ptr(),
+    )  # fmt: skip
+    if code == -1:
+        raise IndexError("a context length or block id is outside the block tables or the cache")
+    if code != 0:
+        raise MemoryError("the native paged attention kernel could not allocate its workspace")
+    return out
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -80,11 +130,14 @@ def paged_decode_attention(
     q [B, Hq, D], k_cache [N, S, Hkv, D], v_cache [N, S, Hkv, Dv], block_tables [B, M] int32, context_lens [B]
     int32 (>= 1). max_context_len: a host bound on context_lens (optional; without it the tables' reach, M * S, is
     the bound, so nothing reads context_lens back from the device). v_cache may be a view of k_cache (MLA reads its
-    latent as both). Returns [B, Hq, Dv]. Triton on CUDA, the twin on CPU (see backend.py).
+    latent as both). Returns [B, Hq, Dv]. Triton on CUDA; on CPU the native kernel for float32, the twin otherwise
+    (see backend.py and native.py).
     """
     args = (q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, max_context_len)
     if use_triton(q):
         from moeserve.kernels.paged_attention_triton import paged_decode_attention_triton
 
         return paged_decode_attention_triton(*args)
+    if native_attention_fits(q, k_cache, v_cache) and kernel_mode() != "torch":
+        return paged_decode_attention_native(*args)
     return paged_decode_attention_torch(*args)

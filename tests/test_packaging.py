@@ -18,3 +18,17 @@ def test_every_package_is_listed_in_pyproject():
             name = ".".join(parts)
             on_disk.add(MAPPED.get(parts[0], parts[0]) + name[len(parts[0]) :] if parts[0] in MAPPED else name)
     assert on_disk - listed == set(), f"packages missing from pyproject.toml: {sorted(on_disk - listed)}"
+
+
+def test_native_kernel_sources_are_package_data():
+    """The C sources the native CPU kernels build from travel with a non-editable install."""
+    import fnmatch
+
+    from moeserve.kernels.native import SOURCES
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = setuptools["package-data"]["moeserve.kernels"]
+    needed = [p.relative_to(ROOT / "kernels").as_posix() for p in (ROOT / "kernels" / "csrc").iterdir()]
+    assert set(SOURCES) <= {Path(n).name for n in needed}
+    for name in needed:
+        assert any(fnmatch.fnmatch(name, g) for g in globs), f"kernels/{name} is not package data"

@@ -1,0 +1,121 @@
+"""The native CPU kernels (kernels/csrc/*.c): built with the machine's C compiler on first use, loaded with ctypes.
+
+As Triton compiles its launchers with the system's C compiler, this compiles plain C (no Python or torch headers, so a
+build takes about a second) with -O3 -march=native into a cache directory keyed by the sources, the compiler and the
+CPU, and loads it once per process. The kernels run on raw float32 pointers in the caller's thread (ctypes drops the
+GIL around each call).
+
+Without a C compiler, on a build failure, or with MOESERVE_NATIVE=0 the dispatchers run the pure-torch twins instead
+(a warning says why, once). MOESERVE_KERNELS=torch also keeps to the twins (backend.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("fused_moe_cpu.c", "paged_attention_cpu.c")
+CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11")
+_I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+# name -> argument types of each exported function (all return int: 0, or a negative error code).
+SIGNATURES: dict[str, tuple] = {
+    # x, T, H, w13, w2, R, I, topk_weights, topk_ids, K, out
+    "moeserve_fused_moe_f32": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR),
+    # q, k_cache, v_cache, block_tables, context_lens, B, Hq, Hkv, D, Dv, N, S, M, table stride,
+    # k strides (block, slot, head), v strides (block, slot, head), scale, window, out
+    "moeserve_paged_decode_attention_f32": (
+        _PTR,
+        _PTR,
+        _PTR,
+        _PTR,
+        _PTR,
+        *(_I64,) * 9,
+        *(_I64,) * 6,
+        _F32,
+        _I64,
+        _PTR,
+    ),
+}
+
+
+def native_enabled() -> bool:
+    return os.environ.get("MOESERVE_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's model and flags (a cache built on another CPU is not reused)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MOESERVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moeserve"
+    )
+    return Path(root) / "native"
+
+
+def _build(compiler: str) -> Path:
+    src_dir = Path(__file__).parent / "csrc"
+    sources = [src_dir / name for name in SOURCES]
+    key = hashlib.sha256()
+    for part in (*[s.read_bytes() for s in sources], compiler.encode(), " ".join(CFLAGS).encode(), _cpu_id().encode()):
+        key.update(part)
+        key.update(b"\0")
+    out = _cache_dir() / key.hexdigest()[:16] / "libmoeserve_cpu.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed into place, so processes building at once never load a partial file.
+    with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:
+        cmd = [compiler, *CFLAGS, "-o", str(partial), *map(str, sources), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+@functools.cache
+def native_library() -> ctypes.CDLL | None:
+    """The loaded library, or None (the twins run) when it cannot be built here; built at most once per process."""
+    if not native_enabled():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        logger.warning("no C compiler found: the CPU kernels run their pure-torch twins (slower)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("native CPU kernels unavailable, running the pure-torch twins: %s", exc)
+        return None
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return lib
+
+
+def native_ready(tensor: torch.Tensor) -> bool:
+    """Whether a native kernel can take this (representative input) tensor: float32 on CPU, the library built."""
+    return tensor.dtype == torch.float32 and tensor.device.type == "cpu" and native_library() is not None

@@ -1,0 +1,200 @@
+"""The native CPU kernels (kernels/csrc) against their pure-torch twins: values, batch invariance, bad input, the
+dispatchers' choice, and the fall-back to the twins when no library can be built."""
+
+import logging
+import sys
+
+import pytest
+import torch
+
+from moeserve.kernels import native
+from moeserve.kernels.fused_moe import fused_moe, fused_moe_native, fused_moe_torch, native_fits
+from moeserve.kernels.paged_attention import (
+    paged_decode_attention,
+    paged_decode_attention_native,
+    paged_decode_attention_torch,
+)
+
+# The package re-exports the dispatchers under their modules' names, so the modules are taken from sys.modules.
+FUSED_MOE = sys.modules["moeserve.kernels.fused_moe"]
+PAGED_ATTENTION = sys.modules["moeserve.kernels.paged_attention"]
+
+pytestmark = pytest.mark.skipif(native.native_library() is None, reason="no C compiler: the twins run instead")
+
+
+def moe_case(num_tokens, rows, experts, top_k, hidden, inter, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=g)
+    w13 = torch.randn(rows, 2 * inter, hidden, generator=g) / hidden**0.5
+    w2 = torch.randn(rows, hidden, inter, generator=g) / inter**0.5
+    ids = torch.argsort(torch.rand(num_tokens, experts, generator=g), dim=-1)[:, :top_k]  # distinct per token
+    ids = ids + (rows - experts) * (torch.rand(num_tokens, top_k, generator=g) < 0.3)  # some overlay-like rows
+    weights = torch.softmax(torch.randn(num_tokens, top_k, generator=g), -1)
+    return x, w13, w2, weights, ids
+
+
+MOE_CASES = [  # (tokens, rows, router experts, top_k, hidden, inter)
+    (1, 8, 8, 2, 32, 16),
+    (16, 32, 32, 4, 128, 64),  # the built-in base's shape, a decode batch
+    (5, 20, 12, 4, 40, 24),  # rows beyond the router's experts (ESFT overlay rows)
+    (7, 9, 9, 9, 16, 8),  # K = R: every row used by every token
+    (3, 5, 5, 2, 13, 7),  # H and I not multiples of 8, 2I and H not multiples of 4
+    (33, 6, 6, 1, 24, 12),  # K = 1, many tokens per expert (odd counts)
+]
+
+
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_fused_moe_matches_twin(case):
+    x, w13, w2, weights, ids = moe_case(*case)
+    torch.testing.assert_close(fused_moe_native(x, w13, w2, weights, ids), fused_moe_torch(x, w13, w2, weights, ids))
+
+
+def test_fused_moe_token_does_not_depend_on_its_batch():
+    """Bitwise: a token routed alone or among others (other tokens on its experts, odd and even counts)."""
+    x, w13, w2, weights, ids = moe_case(11, 8, 8, 3, 64, 32, seed=3)
+    batched = fused_moe_native(x, w13, w2, weights, ids)
+    for t in (0, 5, 10):
+        solo = fused_moe_native(x[t : t + 1], w13, w2, weights[t : t + 1], ids[t : t + 1])
+        assert torch.equal(solo[0], batched[t])
+    pair = fused_moe_native(x[3:5], w13, w2, weights[3:5], ids[3:5])
+    assert torch.equal(pair, batched[3:5])
+
+
+def test_fused_moe_empty_batch_and_int32_ids():
+    x, w13, w2, weights, ids = moe_case(4, 8, 8, 2, 32, 16)
+    expected = fused_moe_torch(x, w13, w2, weights, ids)
+    torch.testing.assert_close(fused_moe_native(x, w13, w2, weights, ids.int()), expected)
+    empty = fused_moe_native(x[:0], w13, w2, weights[:0], ids[:0])
+    assert empty.shape == (0, 32)
+
+
+@pytest.mark.parametrize("bad", [-1, 8])
+def test_fused_moe_refuses_ids_outside_the_tables(bad):
+    x, w13, w2, weights, ids = moe_case(4, 8, 8, 2, 32, 16)
+    ids[2, 1] = bad
+    with pytest.raises(IndexError, match="outside the 8 rows"):
+        fused_moe_native(x, w13, w2, weights, ids)
+
+
+def test_fused_moe_dispatch(monkeypatch):
+    """fused_moe takes the native kernel for float32 SiLU decode batches, the twin for the rest and under
+    MOESERVE_KERNELS=torch."""
+    calls = []
+    monkeypatch.setattr(FUSED_MOE, "fused_moe_native", lambda *a: calls.append(a) or a[0])
+    x, w13, w2, weights, ids = moe_case(4, 8, 8, 2, 32, 16)
+    fused_moe(x, w13, w2, weights, ids)
+    assert len(calls) == 1
+    fused_moe(x, w13, w2, weights, ids, "gelu")  # not SiLU
+    fused_moe(x.double(), w13.double(), w2.double(), weights, ids)  # not float32
+    big = moe_case(200, 8, 8, 2, 32, 16)  # 400 assignments over 8 rows: the twin's GEMMs
+    assert not native_fits(big[0], big[1], big[2], 2, "silu")
+    fused_moe(*big)
+    monkeypatch.setenv("MOESERVE_KERNELS", "torch")
+    fused_moe(x, w13, w2, weights, ids)
+    assert len(calls) == 1
+
+
+def attention_case(context_lens, q_heads, kv_heads, head_dim, value_dim, block_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-n // block_size) for n in context_lens) + 1
+    num_blocks = len(context_lens) * max_blocks + 3
+    tables = torch.randperm(num_blocks, generator=g)[: len(context_lens) * max_blocks].view(len(context_lens), -1)
+    tables = tables.int()
+    for b, n in enumerate(context_lens):  # junk past each sequence's last block
+        tables[b, -(-n // block_size) :] = num_blocks - 1  # a real block holding other data
+    q = torch.randn(len(context_lens), q_heads, head_dim, generator=g)
+    k = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    v = torch.randn(num_blocks, block_size, kv_heads, value_dim, generator=g)
+    return q, k, v, tables, torch.tensor(context_lens, dtype=torch.int32)
+
+
+ATTENTION_CASES = [  # (context lens, Hq, Hkv, D, Dv, block size, window)
+    ([1, 17, 33, 64], 4, 2, 32, 32, 16, None),
+    ([5, 40, 3], 8, 1, 20, 20, 4, None),  # MQA, head size not a multiple of 8
+    ([30, 9, 100], 4, 4, 16, 16, 8, 10),  # sliding window
+    ([1], 1, 1, 4, 4, 1, None),
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_paged_attention_matches_twin(case):
+    *shape, window = case
+    q, k, v, tables, lens = attention_case(*shape)
+    args = (q, k, v, tables, lens, shape[3] ** -0.5, window, int(lens.max()))
+    torch.testing.assert_close(paged_decode_attention_native(*args), paged_decode_attention_torch(*args))
+
+
+def test_paged_attention_latent_cache_as_keys_and_values():
+    """MLA: the values are a view of the first Dv features of the latent cache."""
+    q, k, _, tables, lens = attention_case([30, 1, 17, 32], 8, 1, 72, 72, 16, seed=2)
+    v = k[..., :64]
+    args = (q, k, v, tables, lens, 0.1, None, 32)
+    out = paged_decode_attention_native(*args)
+    assert out.shape == (4, 8, 64)
+    torch.testing.assert_close(out, paged_decode_attention_torch(*args))
+
+
+def test_paged_attention_sequence_does_not_depend_on_its_batch():
+    q, k, v, tables, lens = attention_case([12, 50, 7], 4, 2, 32, 32, 16, seed=4)
+    batched = paged_decode_attention_native(q, k, v, tables, lens, 0.2)
+    solo = paged_decode_attention_native(q[1:2], k, v, tables[1:2], lens[1:2], 0.2)
+    assert torch.equal(solo[0], batched[1])
+
+
+@pytest.mark.parametrize("what", ["length", "block"])
+def test_paged_attention_refuses_reads_outside_the_cache(what):
+    q, k, v, tables, lens = attention_case([12, 20], 4, 2, 32, 32, 16)
+    if what == "length":
+        lens[1] = tables.shape[1] * 16 + 1
+    else:
+        tables[1, 0] = k.shape[0]
+    with pytest.raises(IndexError, match="outside"):
+        paged_decode_attention_native(q, k, v, tables, lens, 0.2)
+
+
+def test_paged_attention_dispatch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(PAGED_ATTENTION, "paged_decode_attention_native", lambda *a: calls.append(a) or a[0])
+    q, k, v, tables, lens = attention_case([12, 20], 4, 2, 32, 32, 16)
+    paged_decode_attention(q, k, v, tables, lens, 0.2)
+    assert len(calls) == 1
+    paged_decode_attention(q.double(), k.double(), v.double(), tables, lens, 0.2)
+    monkeypatch.setenv("MOESERVE_KERNELS", "torch")
+    paged_decode_attention(q, k, v, tables, lens, 0.2)
+    assert len(calls) == 1
+
+
+def test_build_failure_falls_back_to_the_twins(monkeypatch, tmp_path, caplog):
+    """A compiler that fails: a warning, no library, and the dispatchers run the twins."""
+    monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exits 1
+    native.native_library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="moeserve.kernels.native"):
+            assert native.native_library() is None
+        assert "native CPU kernels unavailable" in caplog.text
+        x, w13, w2, weights, ids = moe_case(4, 8, 8, 2, 32, 16)
+        assert not native_fits(x, w13, w2, 2, "silu")
+        torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids), fused_moe_torch(x, w13, w2, weights, ids))
+        monkeypatch.setenv("CC", "cc")
+        monkeypatch.setenv("MOESERVE_NATIVE", "0")
+        native.native_library.cache_clear()
+        assert native.native_library() is None
+        assert not list(tmp_path.rglob("*.so"))  # nothing left behind by the failed build
+    finally:
+        native.native_library.cache_clear()
+
+
+def test_build_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
+    native.native_library.cache_clear()
+    try:
+        assert native.native_library() is not None
+        built = list(tmp_path.rglob("libmoeserve_cpu.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native.native_library.cache_clear()
+        assert native.native_library() is not None
+        assert built[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+    finally:
+        native.native_library.cache_clear()
