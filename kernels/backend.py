@@ -25,7 +25,10 @@ MODES = ("auto", "torch", "triton")
 
 
 def kernel_mode() -> str:
-    mode = os.environ.get("MOESERVE_KERNELS", "auto").strip().lower() or "auto"
+    mode = os.environ.get("MOESERVE_KERNELS")
+    if mode is None:  # the common case, first: dispatchers ask for every layer
+        return "auto"
+    mode = mode.strip().lower() or "auto"
     if mode not in MODES:
         raise ValueError(f"MOESERVE_KERNELS={mode!r}: expected one of {', '.join(MODES)}")
     return mode

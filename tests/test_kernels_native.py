@@ -1,6 +1,7 @@
 """The native CPU kernels (kernels/csrc) against their pure-torch twins: values, batch invariance, bad input, the
 dispatchers' choice, and the fall-back to the twins when no library can be built."""
 
+import dataclasses
 import logging
 import sys
 
@@ -198,3 +199,38 @@ def test_build_is_cached(monkeypatch, tmp_path):
         assert built[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
     finally:
         native.native_library.cache_clear()
+
+
+def test_every_exported_function_has_its_argument_types():
+    """ctypes passes Python ints as 32-bit C ints to a function without argtypes: each export must be declared."""
+    import re
+    from pathlib import Path
+
+    csrc = Path(native.__file__).parent / "csrc"
+    exported = {
+        m for src in native.SOURCES for m in re.findall(r"^int (moeserve_\w+)\(", (csrc / src).read_text(), re.M)
+    }
+    assert exported == set(native.SIGNATURES)
+    lib = native.native_library()
+    for name, argtypes in native.SIGNATURES.items():
+        assert tuple(getattr(lib, name).argtypes) == argtypes
+
+
+def test_slot_lora_refuses_rows_outside_the_tables():
+    """Values of the native LoRA path are in tests/test_lora_slots.py (every CPU path of a step); here its guard."""
+    from moeserve.adapters.slot_batched_lora import SlotTables, slot_lora_native
+
+    g = torch.Generator().manual_seed(0)
+    one = lambda v: torch.tensor([v], dtype=torch.int32)  # noqa: E731
+    tables = SlotTables(
+        torch.randn(1, 4 + 4 * 2, 8, generator=g), torch.randn(1, 4 * 2, 6, generator=g), 4, 2, True,
+        None, None, None, False, one(4), one(2), one(1),
+    )  # fmt: skip
+    x, y = torch.randn(3, 8, generator=g), torch.zeros(3, 6)
+    slot_lora_native(x, tables, torch.tensor([0, -1, 0], dtype=torch.int32), y)
+    assert y[1].abs().sum() == 0 and y[0].abs().sum() > 0  # -1: no LoRA for that token
+    with pytest.raises(IndexError, match="outside the 1 adapters"):
+        slot_lora_native(x, tables, torch.tensor([0, 1, 0], dtype=torch.int32), y)
+    bad_k = dataclasses.replace(tables, top_k=one(5))  # k above the adapter's 4 experts
+    with pytest.raises(IndexError):
+        slot_lora_native(x, bad_k, torch.zeros(3, dtype=torch.int32), y)

@@ -11,6 +11,7 @@ from moeserve.adapters import lora_slots
 from moeserve.adapters.lora_slots import AdaptedLinear
 from moeserve.adapters.weights import ModuleWeights
 from moeserve.forward_context import ForwardContext, forward_context
+from moeserve.kernels.native import native_library
 
 
 def lora(g, experts, rank, din=12, dout=10, router=False, top_k=None, renormalize=False):
@@ -45,10 +46,16 @@ def run(layer: AdaptedLinear, x: torch.Tensor, slots: list[int]) -> torch.Tensor
         return layer(x)
 
 
-@pytest.mark.parametrize("padded", [True, False], ids=["slot-batched", "per-token"])
-def test_tables_grow_and_every_slot_keeps_its_own_adapter(padded, monkeypatch):
-    # Both CPU paths of a mixed step: each adapter's tokens padded into batched matmuls, or moe_lora per token.
-    monkeypatch.setattr(lora_slots, "worth_padding", lambda counts: padded)
+@pytest.mark.parametrize("path", ["native", "slot-batched", "per-token"])
+def test_tables_grow_and_every_slot_keeps_its_own_adapter(path, monkeypatch):
+    # Every CPU path of a step: the native kernel token by token (float32), each adapter's tokens padded into
+    # batched matmuls, or moe_lora per token.
+    if path == "native":
+        if native_library() is None:
+            pytest.skip("no C compiler: the native kernels are not built here")
+    else:
+        monkeypatch.setattr(lora_slots, "native_lora_fits", lambda *args: False)
+        monkeypatch.setattr(lora_slots, "worth_padding", lambda counts: path == "slot-batched")
     g = torch.Generator().manual_seed(0)
     base = nn.Linear(12, 10)
     layer = AdaptedLinear(base, num_slots=3, max_rank=16, max_experts=8)

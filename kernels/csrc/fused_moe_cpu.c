@@ -15,7 +15,8 @@
 
 #include "vec.h"
 
-/* out[r] (r < 4, rows w + r*ld) . x, for two tokens x0 and x1 (n elements each). */
+/* out[r] (r < 4, rows w + r*ld) . x, for two tokens x0 and x1 (n elements each): per (row, token) the same
+ * arithmetic as vdot4 and vdot (vec.h), which take the odd token and the rows past a multiple of 4. */
 static inline void dot4x2(const float *w, int64_t ld, const float *x0, const float *x1, int64_t n, float *o0,
                           float *o1) {
     v8f a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
@@ -40,27 +41,6 @@ static inline void dot4x2(const float *w, int64_t ld, const float *x0, const flo
     o1[0] = s01; o1[1] = s11; o1[2] = s21; o1[3] = s31;
 }
 
-/* One token: the same per-(row, token) arithmetic as dot4x2 (and as vdot, for the rows past a multiple of 4). */
-static inline void dot4x1(const float *w, int64_t ld, const float *x0, int64_t n, float *o0) {
-    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    int64_t h = 0;
-    for (; h + 8 <= n; h += 8) {
-        v8f y0 = load8(x0 + h);
-        a0 += load8(w + h) * y0;
-        a1 += load8(w + ld + h) * y0;
-        a2 += load8(w + 2 * ld + h) * y0;
-        a3 += load8(w + 3 * ld + h) * y0;
-    }
-    float s0 = hsum8(a0), s1 = hsum8(a1), s2 = hsum8(a2), s3 = hsum8(a3);
-    for (; h < n; h++) {
-        s0 += w[h] * x0[h];
-        s1 += w[ld + h] * x0[h];
-        s2 += w[2 * ld + h] * x0[h];
-        s3 += w[3 * ld + h] * x0[h];
-    }
-    o0[0] = s0; o0[1] = s1; o0[2] = s2; o0[3] = s3;
-}
-
 /* y[p, r] = w[r] . x[p] for rows r < rows (stride ld) and the n_tok vectors x[p] (stride ldx), into y (stride ldy). */
 static void gemv_rows(const float *w, int64_t rows, int64_t ld, const float *x, int64_t n_tok, int64_t ldx,
                       int64_t n, float *y, int64_t ldy) {
@@ -70,7 +50,7 @@ static void gemv_rows(const float *w, int64_t rows, int64_t ld, const float *x, 
         int64_t p = 0;
         for (; p + 2 <= n_tok; p += 2) dot4x2(wr, ld, x + p * ldx, x + (p + 1) * ldx, n, y + p * ldy + r,
                                               y + (p + 1) * ldy + r);
-        for (; p < n_tok; p++) dot4x1(wr, ld, x + p * ldx, n, y + p * ldy + r);
+        for (; p < n_tok; p++) vdot4(wr, ld, x + p * ldx, n, y + p * ldy + r);
     }
     for (; r < rows; r++)
         for (int64_t p = 0; p < n_tok; p++) y[p * ldy + r] = vdot(w + r * ld, x + p * ldx, n);

@@ -10,9 +10,10 @@ fewer experts are zero-padded (a padded expert is never routed to), so ranks and
     y = (W x) * sum_i g_i(W x) l[slot, i]                            IA3 experts on the output (keys, values)
     y = W (x * sum_i g_i(x) l[slot, i])                              IA3 experts on the input (FFN intermediate)
 
-Each slot routes with its own rule (soft softmax, or top-k with optional renormalisation). On CPU the adapters of a
-step are padded into batched matmuls (slot_batched_lora.py); on CUDA their routers run per slot and the delta of all
-tokens is one moe_lora call indexed by (slot, expert).
+Each slot routes with its own rule (soft softmax, or top-k with optional renormalisation). On CPU the LoRA experts
+of a step's adapters are one native call per linear in float32 (kernels/csrc/slot_lora_cpu.c), else padded into
+batched matmuls (slot_batched_lora.py); on CUDA their routers run per slot and the delta of all tokens is one
+moe_lora call indexed by (slot, expert).
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moeserve.adapters.slot_batched_lora import SlotPadding, SlotTables, slot_batched_lora, worth_padding
+from moeserve.adapters.slot_batched_lora import (
+    SlotPadding,
+    SlotTables,
+    native_lora_fits,
+    slot_batched_lora,
+    slot_lora_native,
+    token_rows,
+    worth_padding,
+)
 from moeserve.adapters.weights import ModuleWeights
 from moeserve.forward_context import get_forward_context
 from moeserve.kernels.backend import use_triton
@@ -147,12 +156,19 @@ class AdaptedLinear(nn.Module):
             x_in = x
         y = self.base(x_in)  # [T, out]
         lora_slots = by_kind["lora"]
-        if lora_slots and not use_triton(x) and worth_padding([groups[s].shape[0] for s in lora_slots]):
+        tables = self._slot_tables(lora_slots) if lora_slots and not use_triton(x) else None
+        if tables is not None and native_lora_fits(x, tables, y):
+            key = ("token_rows", tuple(lora_slots))
+            step_cache = ctx.step_cache
+            if key not in step_cache:  # the same for every layer of the step
+                step_cache[key] = token_rows(x.shape[0], [groups[s] for s in lora_slots])
+            slot_lora_native(x, tables, step_cache[key], y)
+        elif tables is not None and worth_padding([groups[s].shape[0] for s in lora_slots]):
             key = ("slot_padding", tuple(lora_slots))
             step_cache = ctx.step_cache
             if key not in step_cache:  # the same for every layer of the step
                 step_cache[key] = SlotPadding.of([groups[s] for s in lora_slots])
-            slot_batched_lora(x, self._slot_tables(lora_slots), step_cache[key], y)
+            slot_batched_lora(x, tables, step_cache[key], y)
         elif lora_slots:
             self._add_lora(x, y, slots, lora_slots, groups)
         for s in by_kind["ia3_out"]:
@@ -168,7 +184,15 @@ class AdaptedLinear(nn.Module):
         y = self.base(x)  # [T, out]
         if kind == "ia3_out":
             return y * self._ia3_scale("ia3_out", slot, y)
-        slot_batched_lora(x, self._slot_tables([slot], "one"), SlotPadding.whole(), y)
+        tables = self._slot_tables([slot], "one")
+        if native_lora_fits(x, tables, y):
+            step_cache = get_forward_context().step_cache
+            key = ("token_rows", x.shape[0])
+            if key not in step_cache:  # every token on the one row
+                step_cache[key] = torch.zeros(x.shape[0], dtype=torch.int32)
+            slot_lora_native(x, tables, step_cache[key], y)
+        else:
+            slot_batched_lora(x, tables, SlotPadding.whole(), y)
         return y
 
     def _ia3_scale(self, kind: str, slot: int, act: torch.Tensor) -> torch.Tensor:
@@ -228,20 +252,25 @@ class AdaptedLinear(nn.Module):
         a = self.tables["lora_a"].index_select(0, index)[:, :experts, :rank].reshape(num, experts * rank, -1)
         scale = self.tables["lora_scale"].index_select(0, index)[:, None, None]  # [P, 1, 1]
         b = self.tables["lora_b"].index_select(0, index)[:, :experts, :rank].reshape(num, experts * rank, -1) * scale
+        top_k = [r.num_experts if r.top_k is None else min(r.top_k, r.num_experts) for r in routing]
+        renorm = [r.has_router and r.renormalize and k < r.num_experts for r, k in zip(routing, top_k)]
+        native = {  # the same routing per adapter, for the native kernel
+            "own_experts": torch.tensor([r.num_experts for r in routing], dtype=torch.int32),
+            "top_k": torch.tensor(top_k, dtype=torch.int32),
+            "renorm": torch.tensor(renorm, dtype=torch.int32),
+        }
         if not any(r.has_router for r in routing):  # plain LoRA only
-            return SlotTables(a.contiguous(), b.contiguous(), 1, rank, False, None, None, None, False)
+            return SlotTables(a.contiguous(), b.contiguous(), 1, rank, False, None, None, None, False, **native)
         router = self.tables["lora_router"].index_select(0, index)[:, :experts]  # [P, E, in]; 0 where not routed
         own = torch.tensor([r.num_experts for r in routing], device=device)  # [P]
         bias = None
         if any(r.num_experts < experts for r in routing):
             bias = torch.zeros(num, 1, experts + experts * rank, dtype=torch.float32, device=device)  # [P, 1, E + E*r]
             bias[:, 0, :experts].masked_fill_(torch.arange(experts, device=device) >= own[:, None], float("-inf"))
-        top_k = [r.num_experts if r.top_k is None else min(r.top_k, r.num_experts) for r in routing]
         max_k = None if all(k == r.num_experts for r, k in zip(routing, top_k)) else max(top_k)  # None: all soft
         keep = None
         if max_k is not None and len(set(top_k)) > 1:
             keep = (torch.arange(max_k)[None, :] < torch.tensor(top_k)[:, None]).float()[:, None, :].to(device)
-        renorm = [r.has_router and r.renormalize and k < r.num_experts for r, k in zip(routing, top_k)]
         renormalize = (
             all(renorm) if all(renorm) or not any(renorm) else torch.tensor(renorm, device=device)[:, None, None]
         )
@@ -255,6 +284,7 @@ class AdaptedLinear(nn.Module):
             max_k=max_k,
             keep=keep,
             renormalize=renormalize,
+            **native,
         )
 
     def _step_tables(self, lora_slots: list[int], slots: torch.Tensor):

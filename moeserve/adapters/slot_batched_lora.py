@@ -12,6 +12,9 @@ routers, A and B of all P adapters are three batched matmuls over that layout:
 
 The padding costs P * Tmax - T rows of waste, so the caller uses it while that stays small (see `worth_padding`).
 The results equal the per-slot routing and moe_lora's semantics (the same softmax, top-k and sums, in fp32).
+
+In float32 the native kernel (kernels/csrc/slot_lora_cpu.c, `slot_lora_native`) takes the same tables token by
+token instead: no padding, so any mix of adapters, and one call per linear.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+
+from moeserve.kernels.backend import kernel_mode
+from moeserve.kernels.native import native_library, native_ready
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,11 @@ class SlotTables:
     max_k: int | None  # the largest k; None: soft routing over every expert for all of them (no top-k)
     keep: torch.Tensor | None  # [P, 1, K] fp32: 1 for the first k of each adapter's top-K; None: same k for all
     renormalize: bool | torch.Tensor  # whether the top-k weights are renormalised: for all, or [P, 1, 1] bool
+    # The same routing per adapter for the native kernel, host int32 [P] each: its expert count, its k (its expert
+    # count when soft), whether it renormalises. (1, 1, 0) for a plain LoRA.
+    own_experts: torch.Tensor
+    top_k: torch.Tensor
+    renorm: torch.Tensor
 
 
 def slot_gates(logits: torch.Tensor, tables: SlotTables) -> torch.Tensor:
@@ -113,3 +124,43 @@ def slot_batched_lora(x: torch.Tensor, tables: SlotTables, padding: SlotPadding,
         out.index_add_(0, padding.tokens, delta)
     else:
         out[padding.tokens] = (out[padding.tokens].float() + delta).to(out.dtype)
+
+
+def native_lora_fits(x: torch.Tensor, tables: SlotTables, out: torch.Tensor) -> bool:
+    """Whether slot_lora_native takes this step: float32 activations, tables and output on CPU, the library built."""
+    return (
+        native_ready(x)
+        and out.dtype == torch.float32
+        and tables.w_in.dtype == torch.float32
+        and tables.lora_b.dtype == torch.float32
+        and kernel_mode() != "torch"
+    )
+
+
+def slot_lora_native(x: torch.Tensor, tables: SlotTables, token_rows: torch.Tensor, out: torch.Tensor) -> None:
+    """Adds every token's LoRA-expert delta to out [T, out_features] in place, like slot_batched_lora, with the native
+    kernel: token_rows [T] int32 is each token's adapter row in the tables (-1: none). float32 only."""
+    lib = native_library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not built here (see moeserve.kernels.native)")
+    if not out.is_contiguous():
+        raise ValueError("slot_lora_native adds into a contiguous output only")
+    x = x.contiguous()
+    num_rows = tables.w_in.shape[0]
+    code = lib.moeserve_slot_lora_f32(
+        x.data_ptr(), x.shape[0], x.shape[1], token_rows.data_ptr(), tables.w_in.data_ptr(), num_rows,
+        tables.num_experts, tables.rank, int(tables.routed), tables.lora_b.data_ptr(), out.shape[1],
+        tables.own_experts.data_ptr(), tables.top_k.data_ptr(), tables.renorm.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    if code == -1:
+        raise IndexError(f"an adapter row or routing outside the {num_rows} adapters of the LoRA tables")
+    if code != 0:
+        raise MemoryError("the native LoRA kernel could not allocate its workspace")
+
+
+def token_rows(num_tokens: int, groups: list[torch.Tensor]) -> torch.Tensor:
+    """[T] int32: the p of the p-th group for its tokens, -1 for the rest (from host-known groups, no sync)."""
+    rows = torch.full((num_tokens,), -1, dtype=torch.int32, device=groups[0].device if groups else "cpu")
+    for p, group in enumerate(groups):
+        rows[group] = p
+    return rows
