@@ -26,7 +26,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("fused_moe_cpu.c", "paged_attention_cpu.c", "slot_lora_cpu.c")
+SOURCES = ("fused_moe_cpu.c", "paged_attention_cpu.c", "slot_lora_cpu.c", "slot_ia3_cpu.c")
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11")
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 # name -> argument types of each exported function (all return int: 0, or a negative error code).
@@ -49,6 +49,8 @@ SIGNATURES: dict[str, tuple] = {
     ),
     # x, T, in, token_rows, w_in, P, E, r, routed, lora_b, out, own_experts, top_k, renorm, y
     "moeserve_slot_lora_f32": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, *(_PTR,) * 4),
+    # act, T, dim, token_slots, router (or NULL), vectors, S + 1, E, has_router, own_experts, top_k, renorm
+    "moeserve_slot_ia3_f32": (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, *(_PTR,) * 4),
 }
 
 

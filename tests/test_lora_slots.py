@@ -88,3 +88,43 @@ def test_tables_grow_and_every_slot_keeps_its_own_adapter(path, monkeypatch):
     after = run(layer, x, [0 if s == 2 else s for s in slots])
     with torch.no_grad():
         torch.testing.assert_close(after[[2, 7]], base(x[[2, 7]]))
+
+
+@pytest.mark.parametrize("ia3_input", [False, True], ids=["ia3-out", "ia3-in"])
+def test_ia3_slots_mixed_with_lora_native_equals_per_slot(ia3_input, monkeypatch):
+    """IA3 experts (MoV: soft, top-k, one vector) beside a LoRA in one step: the native kernel's rescaling equals the
+    per-slot torch path, token for token, and a step of one IA3 adapter equals its tokens in the mixed step."""
+    if native_library() is None:
+        pytest.skip("no C compiler: the native kernels are not built here")
+    g = torch.Generator().manual_seed(1)
+    base = nn.Linear(12, 10)
+    layer = AdaptedLinear(base, num_slots=4, max_rank=8, max_experts=6)
+    dim = 12 if ia3_input else 10
+
+    def ia3(experts, router, top_k=None, renormalize=False):
+        return ModuleWeights(
+            ia3=1 + 0.3 * torch.randn(experts, dim, generator=g),
+            router=torch.randn(experts, dim, generator=g) if router else None,
+            top_k=top_k,
+            renormalize=renormalize,
+            ia3_input=ia3_input,
+        )
+
+    layer.load(1, ia3(5, router=True))  # soft over 5
+    layer.load(2, ia3(6, router=True, top_k=2, renormalize=True))
+    layer.load(3, ia3(1, router=False))  # one vector
+    layer.load(4, lora(g, 2, 3, router=True, top_k=1))
+    x = torch.randn(11, 12, generator=g)
+    slots = [0, 1, 2, 3, 4, 1, 2, 3, 4, 1, 0]
+    native = run(layer, x, slots)
+    monkeypatch.setattr(lora_slots, "native_ia3_fits", lambda *args: False)
+    torch.testing.assert_close(native, run(layer, x, slots), rtol=1e-5, atol=1e-6)
+    torch_one = {slot: run(layer, x, [slot] * 11) for slot in (1, 2, 3)}  # one-adapter steps, torch path
+    monkeypatch.undo()
+    for slot in (1, 2, 3):
+        one = run(layer, x, [slot] * 11)
+        torch.testing.assert_close(one, torch_one[slot], rtol=1e-5, atol=1e-6)
+        rows = [i for i, s in enumerate(slots) if s == slot]
+        torch.testing.assert_close(one[rows], native[rows], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(native[[0, 10]], base(x[[0, 10]]))

@@ -12,11 +12,11 @@
  * Each token's delta is summed in fp32 and added to y once; it depends only on the token and its adapter.
  * kernels/native.py builds and loads it; moeserve/adapters/slot_batched_lora.py dispatches.
  */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "routing.h"
 #include "vec.h"
 
 /* Returns 0, -1 for an adapter row outside [-1, P) or expert counts and k outside the tables, -2 when memory runs
@@ -53,33 +53,9 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
             gate[0] = 1.0f;
             gate_ids[0] = 0;
         } else {
-            const int64_t own = own_experts[p], k = top_k[p];
-            float max = -INFINITY, sum = 0.0f;
-            vgemv(w, own, in_dim, xt, in_dim, probs);
-            for (int64_t e = 0; e < own; e++) max = probs[e] > max ? probs[e] : max;
-            for (int64_t e = 0; e < own; e++) sum += (probs[e] = expf(probs[e] - max));
-            for (int64_t e = 0; e < own; e++) probs[e] /= sum;
+            vgemv(w, own_experts[p], in_dim, xt, in_dim, probs); /* the router's logits */
+            used = route_gates(probs, own_experts[p], top_k[p], renorm[p], gate, gate_ids);
             a_rows = w + experts * in_dim;
-            if (k >= own) { /* soft: every expert in order */
-                used = own;
-                for (int64_t e = 0; e < own; e++) gate_ids[e] = e, gate[e] = probs[e];
-            } else { /* top-k: the largest first, ties to the lower id */
-                used = k;
-                float total = 0.0f;
-                for (int64_t i = 0; i < used; i++) {
-                    int64_t best = -1;
-                    for (int64_t e = 0; e < own; e++) {
-                        int taken = 0;
-                        for (int64_t j = 0; j < i; j++) taken |= gate_ids[j] == e;
-                        if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
-                    }
-                    gate_ids[i] = best;
-                    gate[i] = probs[best];
-                    total += probs[best];
-                }
-                if (renorm[p])
-                    for (int64_t i = 0; i < used; i++) gate[i] /= total;
-            }
         }
         /* h = gate * (A x) per gated expert (its r rows of A are contiguous), then delta = sum h B */
         for (int64_t i = 0; i < used; i++) {

@@ -32,10 +32,21 @@ from moeserve.adapters.slot_batched_lora import (
     token_rows,
     worth_padding,
 )
+from moeserve.adapters.slot_ia3 import Ia3Routing, native_ia3_fits, slot_ia3_native
 from moeserve.adapters.weights import ModuleWeights
 from moeserve.forward_context import get_forward_context
 from moeserve.kernels.backend import use_triton
 from moeserve.kernels.moe_lora import moe_lora
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """What one linear does for a step's set of adapter slots (kept per set until a load or unload)."""
+
+    only: int | None  # the one adapter of every token of the step, when it is so
+    lora: list[int]  # the slots present with LoRA experts here, then those with IA3 on the input, on the output
+    ia3_in: list[int]
+    ia3_out: list[int]
 
 
 @dataclass
@@ -73,6 +84,9 @@ class AdaptedLinear(nn.Module):
         # The LoRA tables cut to the adapters of the latest step, per kind of cut: kind -> (slots, contiguous copies);
         # emptied by every load and unload. Steps in a row mostly serve the same adapters: a cut is made once.
         self._cuts: dict[str, tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | SlotTables]] = {}
+        self._plans: dict[tuple[int, ...], _StepPlan | None] = {}  # the slots of a step -> its plan; None: base only
+        self._any_loaded = False
+        self._ia3_routing = {"ia3_in": Ia3Routing(num_slots), "ia3_out": Ia3Routing(num_slots)}
 
     @property
     def in_features(self) -> int:
@@ -124,45 +138,49 @@ class AdaptedLinear(nn.Module):
             router_name, router_dim = f"{kind}_router", dim
         if w.router is not None:
             self._table(router_name, num if kind == "lora" else self.max_experts, router_dim)[slot, :num] = w.router
+        if kind != "lora":
+            self._ia3_routing[kind].set(slot, w.router is not None, num, w.top_k, w.renormalize)
         self.kind[slot] = kind
         self.routing[slot] = _SlotRouting(num, w.router is not None, w.top_k, w.renormalize)
+        self._any_loaded = True
 
     def unload(self, slot: int) -> None:
         """Empties the slot (zeroed, so a padded read of it can never leak an old adapter)."""
         for table in self.tables.values():
             table[slot].zero_()
+        for routing in self._ia3_routing.values():
+            routing.clear(slot)
         self._cuts.clear()
+        self._plans.clear()
         self.kind[slot] = None
+        self._any_loaded = any(k is not None for k in self.kind)
         self.routing[slot] = None
         self.rank[slot] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
-        slots = ctx.adapter_slot
-        if slots is None or not any(self.kind):
+        if ctx.adapter_slot is None or not self._any_loaded:
             return self.base(x)
         groups = ctx.token_groups()  # slot -> its token indices, built by the runner: no host sync here
-        present = [s for s in groups if self.kind[s] is not None]
-        if not present:
+        key = tuple(groups)
+        plan = self._plans.get(key, False)
+        if plan is False:
+            plan = self._plans[key] = self._make_plan(key)
+        if plan is None:
             return self.base(x)
-        if len(groups) == 1:  # every token of the step is this one adapter's: its own tables, no per-token routing
-            return self._one_adapter(x, present[0])
-        by_kind = {k: [s for s in present if self.kind[s] == k] for k in ("lora", "ia3_in", "ia3_out")}
-        if by_kind["ia3_in"]:
+        if plan.only is not None:  # every token of the step is this one adapter's: no per-token routing
+            return self._one_adapter(x, plan.only)
+        if plan.ia3_in:
             x_in = x.clone()
-            for s in by_kind["ia3_in"]:
-                x_in[groups[s]] = x[groups[s]] * self._ia3_scale("ia3_in", s, x[groups[s]])
+            self._rescale_ia3("ia3_in", plan.ia3_in, x_in, groups)
         else:
             x_in = x
         y = self.base(x_in)  # [T, out]
-        lora_slots = by_kind["lora"]
+        lora_slots = plan.lora
         tables = self._slot_tables(lora_slots) if lora_slots and not use_triton(x) else None
         if tables is not None and native_lora_fits(x, tables, y):
-            key = ("token_rows", tuple(lora_slots))
-            step_cache = ctx.step_cache
-            if key not in step_cache:  # the same for every layer of the step
-                step_cache[key] = token_rows(x.shape[0], [groups[s] for s in lora_slots])
-            slot_lora_native(x, tables, step_cache[key], y)
+            rows = self._token_rows("token_rows", lora_slots, x.shape[0], groups, local=True)
+            slot_lora_native(x, tables, rows, y)
         elif tables is not None and worth_padding([groups[s].shape[0] for s in lora_slots]):
             key = ("slot_padding", tuple(lora_slots))
             step_cache = ctx.step_cache
@@ -170,30 +188,79 @@ class AdaptedLinear(nn.Module):
                 step_cache[key] = SlotPadding.of([groups[s] for s in lora_slots])
             slot_batched_lora(x, tables, step_cache[key], y)
         elif lora_slots:
-            self._add_lora(x, y, slots, lora_slots, groups)
-        for s in by_kind["ia3_out"]:
-            y[groups[s]] = y[groups[s]] * self._ia3_scale("ia3_out", s, y[groups[s]])
+            self._add_lora(x, y, ctx.adapter_slot, lora_slots, groups)
+        if plan.ia3_out:
+            self._rescale_ia3("ia3_out", plan.ia3_out, y, groups)
         return y
+
+    def _make_plan(self, slots: tuple[int, ...]) -> _StepPlan | None:
+        present = [s for s in slots if self.kind[s] is not None]
+        if not present:
+            return None
+        lora, ia3_in, ia3_out = ([s for s in present if self.kind[s] == k] for k in ("lora", "ia3_in", "ia3_out"))
+        return _StepPlan(present[0] if len(slots) == 1 else None, lora, ia3_in, ia3_out)
+
+    @staticmethod
+    def _token_rows(name: str, slots: list[int], num_tokens: int, groups: dict, local: bool) -> torch.Tensor:
+        """[T] int32 per token: its slot's place in `slots` (local) or the slot itself, -1 for the other tokens; made
+        once per step for every layer (step cache)."""
+        step_cache = get_forward_context().step_cache
+        key = (name, tuple(slots))
+        if key not in step_cache:
+            if local:
+                step_cache[key] = token_rows(num_tokens, [groups[s] for s in slots])
+            else:
+                rows = torch.full((num_tokens,), -1, dtype=torch.int32)
+                for s in slots:
+                    rows[groups[s]] = s
+                step_cache[key] = rows
+        return step_cache[key]
+
+    def _rescale_ia3(self, kind: str, ia3_slots: list[int], act: torch.Tensor, groups: dict) -> None:
+        """act [T, dim] (a fresh tensor) rescaled in place, each of these slots' tokens by its IA3 experts."""
+        vectors = self.tables[f"{kind}_vec"]
+        if native_ia3_fits(act, vectors):
+            rows = self._token_rows(kind, ia3_slots, act.shape[0], groups, local=False)
+            slot_ia3_native(act, vectors, self.tables.get(f"{kind}_router"), self._ia3_routing[kind], rows)
+            return
+        for s in ia3_slots:
+            act[groups[s]] = act[groups[s]] * self._ia3_scale(kind, s, act[groups[s]])
 
     def _one_adapter(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """The step where all T tokens belong to `slot`: the same result as the per-slot path, with no per-token
         routing or padding (a plain LoRA is two small matmuls), in fp32 and rounded once like moe_lora."""
         kind = self.kind[slot]
         if kind == "ia3_in":
+            x_in = x.clone()
+            if native_ia3_fits(x_in, self.tables["ia3_in_vec"]):
+                rows = self._one_rows(slot, x.shape[0])
+                slot_ia3_native(x_in, self.tables["ia3_in_vec"], self.tables.get("ia3_in_router"),
+                                self._ia3_routing["ia3_in"], rows)  # fmt: skip
+                return self.base(x_in)
             return self.base(x * self._ia3_scale("ia3_in", slot, x))
         y = self.base(x)  # [T, out]
         if kind == "ia3_out":
+            if native_ia3_fits(y, self.tables["ia3_out_vec"]):
+                rows = self._one_rows(slot, x.shape[0])
+                slot_ia3_native(y, self.tables["ia3_out_vec"], self.tables.get("ia3_out_router"),
+                                self._ia3_routing["ia3_out"], rows)  # fmt: skip
+                return y
             return y * self._ia3_scale("ia3_out", slot, y)
         tables = self._slot_tables([slot], "one")
         if native_lora_fits(x, tables, y):
-            step_cache = get_forward_context().step_cache
-            key = ("token_rows", x.shape[0])
-            if key not in step_cache:  # every token on the one row
-                step_cache[key] = torch.zeros(x.shape[0], dtype=torch.int32)
-            slot_lora_native(x, tables, step_cache[key], y)
+            slot_lora_native(x, tables, self._one_rows(0, x.shape[0]), y)
         else:
             slot_batched_lora(x, tables, SlotPadding.whole(), y)
         return y
+
+    @staticmethod
+    def _one_rows(value: int, num_tokens: int) -> torch.Tensor:
+        """[T] int32 of one value (a step of one adapter), made once per step."""
+        step_cache = get_forward_context().step_cache
+        key = ("one_rows", value, num_tokens)
+        if key not in step_cache:
+            step_cache[key] = torch.full((num_tokens,), value, dtype=torch.int32)
+        return step_cache[key]
 
     def _ia3_scale(self, kind: str, slot: int, act: torch.Tensor) -> torch.Tensor:
         """sum_i g_i(act) l[slot, i] for the activations act [n, dim] it will rescale: [n, dim]."""
