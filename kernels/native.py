@@ -47,8 +47,8 @@ SIGNATURES: dict[str, tuple] = {
         _I64,
         _PTR,
     ),
-    # x, T, in, token_rows, w_in, P, E, r, routed, lora_b, out, own_experts, top_k, renorm, y
-    "moeserve_slot_lora_f32": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, *(_PTR,) * 4),
+    # x, T, in, token_rows, w_in, P, E, r, routed, lora_b, out, own_experts, top_k, renorm, ranks, y
+    "moeserve_slot_lora_f32": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, *(_PTR,) * 5),
     # act, T, dim, token_slots, router (or NULL), vectors, S + 1, E, has_router, own_experts, top_k, renorm
     "moeserve_slot_ia3_f32": (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, *(_PTR,) * 4),
 }

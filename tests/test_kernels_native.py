@@ -224,13 +224,35 @@ def test_slot_lora_refuses_rows_outside_the_tables():
     one = lambda v: torch.tensor([v], dtype=torch.int32)  # noqa: E731
     tables = SlotTables(
         torch.randn(1, 4 + 4 * 2, 8, generator=g), torch.randn(1, 4 * 2, 6, generator=g), 4, 2, True,
-        None, None, None, False, one(4), one(2), one(1),
+        None, None, None, False, one(4), one(2), one(1), one(2),
     )  # fmt: skip
     x, y = torch.randn(3, 8, generator=g), torch.zeros(3, 6)
     slot_lora_native(x, tables, torch.tensor([0, -1, 0], dtype=torch.int32), y)
     assert y[1].abs().sum() == 0 and y[0].abs().sum() > 0  # -1: no LoRA for that token
     with pytest.raises(IndexError, match="outside the 1 adapters"):
         slot_lora_native(x, tables, torch.tensor([0, 1, 0], dtype=torch.int32), y)
-    bad_k = dataclasses.replace(tables, top_k=one(5))  # k above the adapter's 4 experts
-    with pytest.raises(IndexError):
-        slot_lora_native(x, bad_k, torch.zeros(3, dtype=torch.int32), y)
+    for bad in (dataclasses.replace(tables, top_k=one(5)), dataclasses.replace(tables, ranks=one(3))):
+        with pytest.raises(IndexError):  # k above the adapter's 4 experts; a rank above the tables' 2
+            slot_lora_native(x, bad, torch.zeros(3, dtype=torch.int32), y)
+
+
+def test_slot_lora_token_does_not_depend_on_its_batch():
+    """Bitwise: a token's delta alone, or grouped with other tokens of its adapter (odd and even counts), soft and
+    top-k routing and plain LoRA."""
+    from moeserve.adapters.slot_batched_lora import SlotTables, slot_lora_native
+
+    g = torch.Generator().manual_seed(5)
+    experts, rank, din, dout = 3, 4, 24, 20
+    ints = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    tables = SlotTables(
+        torch.randn(3, experts + experts * rank, din, generator=g), torch.randn(3, experts * rank, dout, generator=g),
+        experts, rank, True, None, None, None, False, ints(3, 3, 1), ints(3, 2, 1), ints(0, 1, 0), ints(4, 3, 2),
+    )  # fmt: skip
+    x = torch.randn(9, din, generator=g)
+    rows = ints(0, 1, 2, 0, 0, 1, 2, 2, 1)
+    batched = torch.zeros(9, dout)
+    slot_lora_native(x, tables, rows, batched)
+    for t in range(9):
+        solo = torch.zeros(1, dout)
+        slot_lora_native(x[t : t + 1], tables, rows[t : t + 1], solo)
+        assert torch.equal(solo[0], batched[t])

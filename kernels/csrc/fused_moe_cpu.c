@@ -15,47 +15,6 @@
 
 #include "vec.h"
 
-/* out[r] (r < 4, rows w + r*ld) . x, for two tokens x0 and x1 (n elements each): per (row, token) the same
- * arithmetic as vdot4 and vdot (vec.h), which take the odd token and the rows past a multiple of 4. */
-static inline void dot4x2(const float *w, int64_t ld, const float *x0, const float *x1, int64_t n, float *o0,
-                          float *o1) {
-    v8f a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
-    int64_t h = 0;
-    for (; h + 8 <= n; h += 8) {
-        v8f y0 = load8(x0 + h), y1 = load8(x1 + h);
-        v8f r0 = load8(w + h), r1 = load8(w + ld + h), r2 = load8(w + 2 * ld + h), r3 = load8(w + 3 * ld + h);
-        a00 += r0 * y0; a01 += r0 * y1;
-        a10 += r1 * y0; a11 += r1 * y1;
-        a20 += r2 * y0; a21 += r2 * y1;
-        a30 += r3 * y0; a31 += r3 * y1;
-    }
-    float s00 = hsum8(a00), s01 = hsum8(a01), s10 = hsum8(a10), s11 = hsum8(a11);
-    float s20 = hsum8(a20), s21 = hsum8(a21), s30 = hsum8(a30), s31 = hsum8(a31);
-    for (; h < n; h++) {
-        s00 += w[h] * x0[h]; s01 += w[h] * x1[h];
-        s10 += w[ld + h] * x0[h]; s11 += w[ld + h] * x1[h];
-        s20 += w[2 * ld + h] * x0[h]; s21 += w[2 * ld + h] * x1[h];
-        s30 += w[3 * ld + h] * x0[h]; s31 += w[3 * ld + h] * x1[h];
-    }
-    o0[0] = s00; o0[1] = s10; o0[2] = s20; o0[3] = s30;
-    o1[0] = s01; o1[1] = s11; o1[2] = s21; o1[3] = s31;
-}
-
-/* y[p, r] = w[r] . x[p] for rows r < rows (stride ld) and the n_tok vectors x[p] (stride ldx), into y (stride ldy). */
-static void gemv_rows(const float *w, int64_t rows, int64_t ld, const float *x, int64_t n_tok, int64_t ldx,
-                      int64_t n, float *y, int64_t ldy) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        const float *wr = w + r * ld;
-        int64_t p = 0;
-        for (; p + 2 <= n_tok; p += 2) dot4x2(wr, ld, x + p * ldx, x + (p + 1) * ldx, n, y + p * ldy + r,
-                                              y + (p + 1) * ldy + r);
-        for (; p < n_tok; p++) vdot4(wr, ld, x + p * ldx, n, y + p * ldy + r);
-    }
-    for (; r < rows; r++)
-        for (int64_t p = 0; p < n_tok; p++) y[p * ldy + r] = vdot(w + r * ld, x + p * ldx, n);
-}
-
 /* h[i] = silu(g[i]) * u[i] for n elements. */
 static void silu_mul(const float *g, const float *u, float *h, int64_t n) {
     int64_t i = 0;
@@ -117,9 +76,9 @@ int moeserve_fused_moe_f32(const float *x, int64_t num_tokens, int64_t hidden, c
         if (n == 0) continue;
         for (int64_t p = 0; p < n; p++)
             memcpy(xs + p * hidden, x + (order[first + p] / top_k) * hidden, (size_t)hidden * sizeof(float));
-        gemv_rows(w13 + e * 2 * inter * hidden, 2 * inter, hidden, xs, n, hidden, hidden, gu, 2 * inter);
+        vgemm_rows(w13 + e * 2 * inter * hidden, 2 * inter, hidden, xs, n, hidden, hidden, gu, 2 * inter);
         for (int64_t p = 0; p < n; p++) silu_mul(gu + p * 2 * inter, gu + p * 2 * inter + inter, act + p * inter, inter);
-        gemv_rows(w2 + e * hidden * inter, hidden, inter, act, n, inter, inter, ys, hidden);
+        vgemm_rows(w2 + e * hidden * inter, hidden, inter, act, n, inter, inter, ys, hidden);
         for (int64_t p = 0; p < n; p++) {
             const int64_t a = order[first + p];
             const float wt = topk_weights[a];

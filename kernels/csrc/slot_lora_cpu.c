@@ -3,7 +3,8 @@
  *
  * The tables are slot_batched_lora's SlotTables (moeserve/adapters/slot_batched_lora.py), one row p per adapter of
  * the step: w_in [P, E + E*r, in] (router rows, then A's E*r rows; just A's r rows when no adapter routes), lora_b
- * [P, E*r, out] (B^T, pre-scaled). For token t of adapter row p = token_row[t] (-1: no LoRA here):
+ * [P, E*r, out] (B^T, pre-scaled), each adapter's experts zero-padded to the tables' rank r past its own rank
+ * ranks[p] (skipped). For token t of adapter row p = token_row[t] (-1: no LoRA here):
  *
  *     probs = softmax over the adapter's own experts of (router x)    (routed tables; else one expert, weight 1)
  *     gate  = its top_k[p] probabilities, renormalised where renorm[p] (top_k[p] = its expert count: soft)
@@ -24,52 +25,89 @@
 int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, const int32_t *token_row,
                            const float *w_in, int64_t num_rows, int64_t experts, int64_t rank, int64_t routed,
                            const float *lora_b, int64_t out_dim, const int32_t *own_experts, const int32_t *top_k,
-                           const int32_t *renorm, float *y) {
-    const int64_t in_rows = routed ? experts + experts * rank : rank;
+                           const int32_t *renorm, const int32_t *ranks, float *y) {
+    const int64_t in_rows = routed ? experts + experts * rank : rank, er = experts * rank;
     for (int64_t p = 0; p < num_rows; p++) {
         if (routed && (own_experts[p] < 1 || own_experts[p] > experts || top_k[p] < 1 || top_k[p] > own_experts[p]))
             return -1;
+        if (ranks[p] < 0 || ranks[p] > rank) return -1;
     }
-    float *buf = malloc((size_t)(2 * experts + experts * rank + out_dim) * sizeof(float));
-    int64_t *gate_ids = malloc((size_t)experts * sizeof(int64_t)); /* the gated experts, the first `used` */
-    if (!buf || !gate_ids) {
-        free(buf);
-        free(gate_ids);
-        return -2;
+    for (int64_t t = 0; t < num_tokens; t++)
+        if (token_row[t] < -1 || token_row[t] >= num_rows) return -1;
+    /* the tokens counting-sorted by adapter row: starts [P + 1], order [T] */
+    int64_t *starts = calloc((size_t)num_rows + 2, sizeof(int64_t)), *order = malloc((size_t)(num_tokens + 1) * 8);
+    int64_t *gate_ids = malloc((size_t)(num_tokens + 1) * experts * sizeof(int64_t)); /* [T, E] */
+    /* per adapter group of n tokens: inputs [n, in], logits/probs [n, E], gates [n, E], A x [n, E*r], deltas [n, out] */
+    float *buf = malloc((size_t)(num_tokens + 1) * (in_dim + 2 * experts + er + out_dim) * sizeof(float));
+    int code = 0;
+    if (!starts || !order || !gate_ids || !buf) {
+        code = -2;
+        goto done;
     }
-    float *probs = buf, *gate = buf + experts, *h = gate + experts, *delta = h + experts * rank;
-    for (int64_t t = 0; t < num_tokens; t++) {
-        const int64_t p = token_row[t];
-        if (p < 0) continue;
-        if (p >= num_rows) {
-            free(buf);
-            free(gate_ids);
-            return -1;
-        }
-        const float *xt = x + t * in_dim, *w = w_in + p * in_rows * in_dim, *b = lora_b + p * experts * rank * out_dim;
-        int64_t used = 1; /* experts of this adapter with a gate: the first `used` of gate_ids */
-        const float *a_rows = w;
+    for (int64_t t = 0; t < num_tokens; t++)
+        if (token_row[t] >= 0) starts[token_row[t] + 2]++;
+    for (int64_t p = 0; p < num_rows; p++) starts[p + 2] += starts[p + 1];
+    for (int64_t t = 0; t < num_tokens; t++)
+        if (token_row[t] >= 0) order[starts[token_row[t] + 1]++] = t; /* starts[p] is now row p's first */
+    for (int64_t p = 0; p < num_rows; p++) {
+        const int64_t first = starts[p], n = starts[p + 1] - first;
+        if (n == 0) continue;
+        float *xs = buf, *probs = xs + n * in_dim, *gate = probs + n * experts, *h = gate + n * experts;
+        float *delta = h + n * er;
+        for (int64_t i = 0; i < n; i++) memcpy(xs + i * in_dim, x + order[first + i] * in_dim, (size_t)in_dim * 4);
+        const float *w = w_in + p * in_rows * in_dim, *b = lora_b + p * er * out_dim;
+        const float *a_rows = routed ? w + experts * in_dim : w;
+        int64_t used = 1; /* experts gated per token: gate_ids[i * E + 0 .. used) */
         if (!routed) {
-            gate[0] = 1.0f;
-            gate_ids[0] = 0;
+            for (int64_t i = 0; i < n; i++) gate[i * experts] = 1.0f, gate_ids[i * experts] = 0;
         } else {
-            vgemv(w, own_experts[p], in_dim, xt, in_dim, probs); /* the router's logits */
-            used = route_gates(probs, own_experts[p], top_k[p], renorm[p], gate, gate_ids);
-            a_rows = w + experts * in_dim;
+            vgemm_rows(w, own_experts[p], in_dim, xs, n, in_dim, in_dim, probs, experts); /* router logits */
+            for (int64_t i = 0; i < n; i++)
+                used = route_gates(probs + i * experts, own_experts[p], top_k[p], renorm[p], gate + i * experts,
+                                   gate_ids + i * experts);
         }
-        /* h = gate * (A x) per gated expert (its r rows of A are contiguous), then delta = sum h B */
-        for (int64_t i = 0; i < used; i++) {
-            float *hi = h + i * rank;
-            vgemv(a_rows + gate_ids[i] * rank * in_dim, rank, in_dim, xt, in_dim, hi);
-            for (int64_t j = 0; j < rank; j++) hi[j] *= gate[i];
+        memset(delta, 0, (size_t)(n * out_dim) * sizeof(float));
+        const int64_t rp = ranks[p]; /* the adapter's own rank: its experts' rows past it are the tables' padding */
+        if (used == (routed ? own_experts[p] : 1)) {
+            /* soft or plain: every token takes experts 0..used in order, so A x and B h run over the tokens at once
+             * (as one block of rows when the adapter fills the tables' rank, else expert by expert) */
+            const int64_t blocks = rp == rank ? 1 : used, rows = rp == rank ? used * rank : rp;
+            for (int64_t e = 0; e < blocks; e++)
+                vgemm_rows(a_rows + e * rank * in_dim, rows, in_dim, xs, n, in_dim, in_dim, h + e * rank, er);
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t e = 0; e < used; e++)
+                    for (int64_t j = 0; j < rp; j++) h[i * er + e * rank + j] *= gate[i * experts + e];
+            for (int64_t e = 0; e < blocks; e++) {
+                const float *be = b + e * rank * out_dim;
+                int64_t i = 0;
+                for (; i + 2 <= n; i += 2)
+                    vaxpy_rows2(be, rows, out_dim, h + i * er + e * rank, h + (i + 1) * er + e * rank,
+                                delta + i * out_dim, delta + (i + 1) * out_dim, out_dim);
+                for (; i < n; i++) vaxpy_rows(be, rows, out_dim, h + i * er + e * rank, delta + i * out_dim, out_dim);
+            }
+        } else {
+            /* top-k: each token its own experts; h = gate * (A x) per gated expert, then delta = sum h B */
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t *ids = gate_ids + i * experts;
+                float *hi = h + i * er, *di = delta + i * out_dim;
+                for (int64_t k = 0; k < used; k++) {
+                    vgemv(a_rows + ids[k] * rank * in_dim, rp, in_dim, xs + i * in_dim, in_dim, hi + k * rank);
+                    for (int64_t j = 0; j < rp; j++) hi[k * rank + j] *= gate[i * experts + k];
+                }
+                for (int64_t k = 0; k < used; k++)
+                    vaxpy_rows(b + ids[k] * rank * out_dim, rp, out_dim, hi + k * rank, di, out_dim);
+            }
         }
-        memset(delta, 0, (size_t)out_dim * sizeof(float));
-        for (int64_t i = 0; i < used; i++)
-            vaxpy_rows(b + gate_ids[i] * rank * out_dim, rank, out_dim, h + i * rank, delta, out_dim);
-        float *yt = y + t * out_dim;
-        for (int64_t c = 0; c < out_dim; c++) yt[c] += delta[c];
+        for (int64_t i = 0; i < n; i++) {
+            float *yt = y + order[first + i] * out_dim;
+            const float *di = delta + i * out_dim;
+            for (int64_t c = 0; c < out_dim; c++) yt[c] += di[c];
+        }
     }
-    free(buf);
+done:
+    free(starts);
+    free(order);
     free(gate_ids);
-    return 0;
+    free(buf);
+    return code;
 }

@@ -52,6 +52,47 @@ static inline void vdot4(const float *w, int64_t ld, const float *x0, int64_t n,
     o0[0] = s0; o0[1] = s1; o0[2] = s2; o0[3] = s3;
 }
 
+/* out[r] (r < 4, rows w + r*ld) . x, for two tokens x0 and x1 (n elements each): per (row, token) the same
+ * arithmetic as vdot4 and vdot, which take the odd token and the rows past a multiple of 4. */
+static inline void vdot4x2(const float *w, int64_t ld, const float *x0, const float *x1, int64_t n, float *o0,
+                          float *o1) {
+    v8f a00 = {0}, a01 = {0}, a10 = {0}, a11 = {0}, a20 = {0}, a21 = {0}, a30 = {0}, a31 = {0};
+    int64_t h = 0;
+    for (; h + 8 <= n; h += 8) {
+        v8f y0 = load8(x0 + h), y1 = load8(x1 + h);
+        v8f r0 = load8(w + h), r1 = load8(w + ld + h), r2 = load8(w + 2 * ld + h), r3 = load8(w + 3 * ld + h);
+        a00 += r0 * y0; a01 += r0 * y1;
+        a10 += r1 * y0; a11 += r1 * y1;
+        a20 += r2 * y0; a21 += r2 * y1;
+        a30 += r3 * y0; a31 += r3 * y1;
+    }
+    float s00 = hsum8(a00), s01 = hsum8(a01), s10 = hsum8(a10), s11 = hsum8(a11);
+    float s20 = hsum8(a20), s21 = hsum8(a21), s30 = hsum8(a30), s31 = hsum8(a31);
+    for (; h < n; h++) {
+        s00 += w[h] * x0[h]; s01 += w[h] * x1[h];
+        s10 += w[ld + h] * x0[h]; s11 += w[ld + h] * x1[h];
+        s20 += w[2 * ld + h] * x0[h]; s21 += w[2 * ld + h] * x1[h];
+        s30 += w[3 * ld + h] * x0[h]; s31 += w[3 * ld + h] * x1[h];
+    }
+    o0[0] = s00; o0[1] = s10; o0[2] = s20; o0[3] = s30;
+    o1[0] = s01; o1[1] = s11; o1[2] = s21; o1[3] = s31;
+}
+
+/* y[p, r] = w[r] . x[p] for rows r < rows (stride ld) and the n_tok vectors x[p] (stride ldx), into y (stride ldy). */
+static inline void vgemm_rows(const float *w, int64_t rows, int64_t ld, const float *x, int64_t n_tok, int64_t ldx,
+                      int64_t n, float *y, int64_t ldy) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float *wr = w + r * ld;
+        int64_t p = 0;
+        for (; p + 2 <= n_tok; p += 2) vdot4x2(wr, ld, x + p * ldx, x + (p + 1) * ldx, n, y + p * ldy + r,
+                                              y + (p + 1) * ldy + r);
+        for (; p < n_tok; p++) vdot4(wr, ld, x + p * ldx, n, y + p * ldy + r);
+    }
+    for (; r < rows; r++)
+        for (int64_t p = 0; p < n_tok; p++) y[p * ldy + r] = vdot(w + r * ld, x + p * ldx, n);
+}
+
 /* y[r] = (row r of w, stride ld) . x for r < rows: four rows at a time, then one. */
 static inline void vgemv(const float *w, int64_t rows, int64_t ld, const float *x, int64_t n, float *y) {
     int64_t r = 0;
@@ -74,6 +115,35 @@ static inline void vaxpy_rows(const float *rows, int64_t n_rows, int64_t ld, con
     for (; j < n_rows; j++) {
         const float *r0 = rows + j * ld, c0 = coef[j];
         for (int64_t c = 0; c < n; c++) y[c] += c0 * r0[c];
+    }
+}
+
+/* vaxpy_rows for two vectors y0, y1 with their own coefficients, each row read once for both: per vector the same
+ * arithmetic as vaxpy_rows. */
+static inline void vaxpy_rows2(const float *rows, int64_t n_rows, int64_t ld, const float *coef0, const float *coef1,
+                               float *y0, float *y1, int64_t n) {
+    int64_t j = 0;
+    for (; j + 4 <= n_rows; j += 4) {
+        const float *r0 = rows + j * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;
+        const float c0 = coef0[j], c1 = coef0[j + 1], c2 = coef0[j + 2], c3 = coef0[j + 3];
+        const float d0 = coef1[j], d1 = coef1[j + 1], d2 = coef1[j + 2], d3 = coef1[j + 3];
+        int64_t c = 0;
+        for (; c + 8 <= n; c += 8) {
+            const v8f w0 = load8(r0 + c), w1 = load8(r1 + c), w2 = load8(r2 + c), w3 = load8(r3 + c);
+            store8(y0 + c, load8(y0 + c) + c0 * w0 + c1 * w1 + c2 * w2 + c3 * w3);
+            store8(y1 + c, load8(y1 + c) + d0 * w0 + d1 * w1 + d2 * w2 + d3 * w3);
+        }
+        for (; c < n; c++) {
+            y0[c] += c0 * r0[c] + c1 * r1[c] + c2 * r2[c] + c3 * r3[c];
+            y1[c] += d0 * r0[c] + d1 * r1[c] + d2 * r2[c] + d3 * r3[c];
+        }
+    }
+    for (; j < n_rows; j++) {
+        const float *r0 = rows + j * ld, c0 = coef0[j], d0 = coef1[j];
+        for (int64_t c = 0; c < n; c++) {
+            y0[c] += c0 * r0[c];
+            y1[c] += d0 * r0[c];
+        }
     }
 }
 

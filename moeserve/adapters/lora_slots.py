@@ -325,6 +325,7 @@ class AdaptedLinear(nn.Module):
             "own_experts": torch.tensor([r.num_experts for r in routing], dtype=torch.int32),
             "top_k": torch.tensor(top_k, dtype=torch.int32),
             "renorm": torch.tensor(renorm, dtype=torch.int32),
+            "ranks": torch.tensor([self.rank[s] for s in lora_slots], dtype=torch.int32),
         }
         if not any(r.has_router for r in routing):  # plain LoRA only
             return SlotTables(a.contiguous(), b.contiguous(), 1, rank, False, None, None, None, False, **native)

@@ -76,10 +76,12 @@ class SlotTables:
     keep: torch.Tensor | None  # [P, 1, K] fp32: 1 for the first k of each adapter's top-K; None: same k for all
     renormalize: bool | torch.Tensor  # whether the top-k weights are renormalised: for all, or [P, 1, 1] bool
     # The same routing per adapter for the native kernel, host int32 [P] each: its expert count, its k (its expert
-    # count when soft), whether it renormalises. (1, 1, 0) for a plain LoRA.
+    # count when soft), whether it renormalises ((1, 1, 0) for a plain LoRA), and its own rank (<= r: the kernel
+    # skips the padding rows).
     own_experts: torch.Tensor
     top_k: torch.Tensor
     renorm: torch.Tensor
+    ranks: torch.Tensor
 
 
 def slot_gates(logits: torch.Tensor, tables: SlotTables) -> torch.Tensor:
@@ -150,7 +152,8 @@ def slot_lora_native(x: torch.Tensor, tables: SlotTables, token_rows: torch.Tens
     code = lib.moeserve_slot_lora_f32(
         x.data_ptr(), x.shape[0], x.shape[1], token_rows.data_ptr(), tables.w_in.data_ptr(), num_rows,
         tables.num_experts, tables.rank, int(tables.routed), tables.lora_b.data_ptr(), out.shape[1],
-        tables.own_experts.data_ptr(), tables.top_k.data_ptr(), tables.renorm.data_ptr(), out.data_ptr(),
+        tables.own_experts.data_ptr(), tables.top_k.data_ptr(), tables.renorm.data_ptr(), tables.ranks.data_ptr(),
+        out.data_ptr(),
     )  # fmt: skip
     if code == -1:
         raise IndexError(f"an adapter row or routing outside the {num_rows} adapters of the LoRA tables")
