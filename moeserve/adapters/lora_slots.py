@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moeserve.adapters.slot_batched_lora import (
@@ -157,17 +158,21 @@ class AdaptedLinear(nn.Module):
         self.routing[slot] = None
         self.rank[slot] = 0
 
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer, without nn.Module's call machinery (it runs for every adapted linear of every step)."""
+        return F.linear(x, self.base.weight, self.base.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
         if ctx.adapter_slot is None or not self._any_loaded:
-            return self.base(x)
+            return self._base(x)
         groups = ctx.token_groups()  # slot -> its token indices, built by the runner: no host sync here
         key = tuple(groups)
         plan = self._plans.get(key, False)
         if plan is False:
             plan = self._plans[key] = self._make_plan(key)
         if plan is None:
-            return self.base(x)
+            return self._base(x)
         if plan.only is not None:  # every token of the step is this one adapter's: no per-token routing
             return self._one_adapter(x, plan.only)
         if plan.ia3_in:
@@ -175,7 +180,7 @@ class AdaptedLinear(nn.Module):
             self._rescale_ia3("ia3_in", plan.ia3_in, x_in, groups)
         else:
             x_in = x
-        y = self.base(x_in)  # [T, out]
+        y = self._base(x_in)  # [T, out]
         lora_slots = plan.lora
         tables = self._slot_tables(lora_slots) if lora_slots and not use_triton(x) else None
         if tables is not None and native_lora_fits(x, tables, y):
@@ -236,9 +241,9 @@ class AdaptedLinear(nn.Module):
                 rows = self._one_rows(slot, x.shape[0])
                 slot_ia3_native(x_in, self.tables["ia3_in_vec"], self.tables.get("ia3_in_router"),
                                 self._ia3_routing["ia3_in"], rows)  # fmt: skip
-                return self.base(x_in)
-            return self.base(x * self._ia3_scale("ia3_in", slot, x))
-        y = self.base(x)  # [T, out]
+                return self._base(x_in)
+            return self._base(x * self._ia3_scale("ia3_in", slot, x))
+        y = self._base(x)  # [T, out]
         if kind == "ia3_out":
             if native_ia3_fits(y, self.tables["ia3_out_vec"]):
                 rows = self._one_rows(slot, x.shape[0])

@@ -117,12 +117,14 @@ class ServerMetrics:
         self.running.labels(m).set(stats.num_running)
         self.waiting.labels(m).set(stats.num_waiting)
         self.kv_usage.labels(m).set(stats.kv_cache_usage)
+        # Token counts summed per step (one increment per adapter, not per request: .labels() takes a lock).
+        tokens: dict[str, int] = {}
+        itl = self.itl.labels(m)
         for out in outputs:
             if out.error is not None:
                 continue
             rid, adapter = out.request_id, out.adapter or m
-            self.generation_tokens.labels(m).inc(len(out.new_token_ids))
-            self.adapter_generation_tokens.labels(m, adapter).inc(len(out.new_token_ids))
+            tokens[adapter] = tokens.get(adapter, 0) + len(out.new_token_ids)
             last = self._last_token_time.get(rid)
             arrival = out.metrics.arrival_time if out.metrics else now
             if last is None:
@@ -131,13 +133,17 @@ class ServerMetrics:
                 if out.metrics and out.metrics.first_scheduled_time is not None:
                     self.queue_time.labels(m).observe(out.metrics.first_scheduled_time - arrival)
             else:
-                self.itl.labels(m).observe(now - last)
+                itl.observe(now - last)
             self._last_token_time[rid] = now
             if out.finished:
                 self._last_token_time.pop(rid, None)
                 self.request_success.labels(m, out.outputs[0].finish_reason or "unknown").inc()
                 self.adapter_requests.labels(m, adapter).inc()
                 self.e2e.labels(m).observe(now - arrival)
+        if tokens:
+            self.generation_tokens.labels(m).inc(sum(tokens.values()))
+        for adapter, count in tokens.items():
+            self.adapter_generation_tokens.labels(m, adapter).inc(count)
         self._observe_adapters(stats)
         self._observe_counts(stats)
 
