@@ -37,8 +37,10 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
     /* the tokens counting-sorted by adapter row: starts [P + 1], order [T] */
     int64_t *starts = calloc((size_t)num_rows + 2, sizeof(int64_t)), *order = malloc((size_t)(num_tokens + 1) * 8);
     int64_t *gate_ids = malloc((size_t)(num_tokens + 1) * experts * sizeof(int64_t)); /* [T, E] */
-    /* per adapter group of n tokens: inputs [n, in], logits/probs [n, E], gates [n, E], A x [n, E*r], deltas [n, out] */
-    float *buf = malloc((size_t)(num_tokens + 1) * (in_dim + 2 * experts + er + out_dim) * sizeof(float));
+    /* per adapter group of n tokens: inputs [n, in], router logits then A x [n, E + E*r], gates [n, E], deltas
+     * [n, out] */
+    const int64_t hs = experts + er; /* the row stride of the logits-and-A-x buffer */
+    float *buf = malloc((size_t)(num_tokens + 1) * (in_dim + hs + experts + out_dim) * sizeof(float));
     int code = 0;
     if (!starts || !order || !gate_ids || !buf) {
         code = -2;
@@ -52,44 +54,51 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
     for (int64_t p = 0; p < num_rows; p++) {
         const int64_t first = starts[p], n = starts[p + 1] - first;
         if (n == 0) continue;
-        float *xs = buf, *probs = xs + n * in_dim, *gate = probs + n * experts, *h = gate + n * experts;
-        float *delta = h + n * er;
+        float *xs = buf, *hw = xs + n * in_dim, *gate = hw + n * hs, *delta = gate + n * experts;
+        float *h = hw + experts; /* token i's A x at h + i * hs, its logits at hw + i * hs */
         for (int64_t i = 0; i < n; i++) memcpy(xs + i * in_dim, x + order[first + i] * in_dim, (size_t)in_dim * 4);
         const float *w = w_in + p * in_rows * in_dim, *b = lora_b + p * er * out_dim;
         const float *a_rows = routed ? w + experts * in_dim : w;
-        int64_t used = 1; /* experts gated per token: gate_ids[i * E + 0 .. used) */
+        const int64_t rp = ranks[p]; /* the adapter's own rank: its experts' rows past it are the tables' padding */
+        const int64_t own = routed ? own_experts[p] : 1, soft = !routed || top_k[p] >= own;
+        const int full = rp == rank && own == experts; /* no padding: the rows needed are one block */
+        int64_t used = own; /* experts gated per token: gate_ids[i * E + 0 .. used) */
+        if (routed && soft && full) {
+            /* the router's rows and every expert's A rows are one contiguous block: one pass over the tokens */
+            vgemm_rows(w, hs, in_dim, xs, n, in_dim, in_dim, hw, hs);
+        } else if (routed) {
+            vgemm_rows(w, own, in_dim, xs, n, in_dim, in_dim, hw, hs); /* the router's logits */
+        }
         if (!routed) {
             for (int64_t i = 0; i < n; i++) gate[i * experts] = 1.0f, gate_ids[i * experts] = 0;
         } else {
-            vgemm_rows(w, own_experts[p], in_dim, xs, n, in_dim, in_dim, probs, experts); /* router logits */
             for (int64_t i = 0; i < n; i++)
-                used = route_gates(probs + i * experts, own_experts[p], top_k[p], renorm[p], gate + i * experts,
-                                   gate_ids + i * experts);
+                used = route_gates(hw + i * hs, own, top_k[p], renorm[p], gate + i * experts, gate_ids + i * experts);
         }
         memset(delta, 0, (size_t)(n * out_dim) * sizeof(float));
-        const int64_t rp = ranks[p]; /* the adapter's own rank: its experts' rows past it are the tables' padding */
-        if (used == (routed ? own_experts[p] : 1)) {
+        if (soft) {
             /* soft or plain: every token takes experts 0..used in order, so A x and B h run over the tokens at once
              * (as one block of rows when the adapter fills the tables' rank, else expert by expert) */
             const int64_t blocks = rp == rank ? 1 : used, rows = rp == rank ? used * rank : rp;
-            for (int64_t e = 0; e < blocks; e++)
-                vgemm_rows(a_rows + e * rank * in_dim, rows, in_dim, xs, n, in_dim, in_dim, h + e * rank, er);
+            if (!(routed && full))
+                for (int64_t e = 0; e < blocks; e++)
+                    vgemm_rows(a_rows + e * rank * in_dim, rows, in_dim, xs, n, in_dim, in_dim, h + e * rank, hs);
             for (int64_t i = 0; i < n; i++)
                 for (int64_t e = 0; e < used; e++)
-                    for (int64_t j = 0; j < rp; j++) h[i * er + e * rank + j] *= gate[i * experts + e];
+                    for (int64_t j = 0; j < rp; j++) h[i * hs + e * rank + j] *= gate[i * experts + e];
             for (int64_t e = 0; e < blocks; e++) {
                 const float *be = b + e * rank * out_dim;
                 int64_t i = 0;
                 for (; i + 2 <= n; i += 2)
-                    vaxpy_rows2(be, rows, out_dim, h + i * er + e * rank, h + (i + 1) * er + e * rank,
+                    vaxpy_rows2(be, rows, out_dim, h + i * hs + e * rank, h + (i + 1) * hs + e * rank,
                                 delta + i * out_dim, delta + (i + 1) * out_dim, out_dim);
-                for (; i < n; i++) vaxpy_rows(be, rows, out_dim, h + i * er + e * rank, delta + i * out_dim, out_dim);
+                for (; i < n; i++) vaxpy_rows(be, rows, out_dim, h + i * hs + e * rank, delta + i * out_dim, out_dim);
             }
         } else {
             /* top-k: each token its own experts; h = gate * (A x) per gated expert, then delta = sum h B */
             for (int64_t i = 0; i < n; i++) {
                 const int64_t *ids = gate_ids + i * experts;
-                float *hi = h + i * er, *di = delta + i * out_dim;
+                float *hi = h + i * hs, *di = delta + i * out_dim;
                 for (int64_t k = 0; k < used; k++) {
                     vgemv(a_rows + ids[k] * rank * in_dim, rp, in_dim, xs + i * in_dim, in_dim, hi + k * rank);
                     for (int64_t j = 0; j < rp; j++) hi[k * rank + j] *= gate[i * experts + k];

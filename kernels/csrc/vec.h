@@ -52,6 +52,24 @@ static inline void vdot4(const float *w, int64_t ld, const float *x0, int64_t n,
     o0[0] = s0; o0[1] = s1; o0[2] = s2; o0[3] = s3;
 }
 
+/* vdot of one row with two tokens at once (two chains): per token the same arithmetic as vdot. */
+static inline void vdot1x2(const float *w, const float *x0, const float *x1, int64_t n, float *o0, float *o1) {
+    v8f a0 = {0}, a1 = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8f r = load8(w + i);
+        a0 += r * load8(x0 + i);
+        a1 += r * load8(x1 + i);
+    }
+    float s0 = hsum8(a0), s1 = hsum8(a1);
+    for (; i < n; i++) {
+        s0 += w[i] * x0[i];
+        s1 += w[i] * x1[i];
+    }
+    *o0 = s0;
+    *o1 = s1;
+}
+
 /* out[r] (r < 4, rows w + r*ld) . x, for two tokens x0 and x1 (n elements each): per (row, token) the same
  * arithmetic as vdot4 and vdot, which take the odd token and the rows past a multiple of 4. */
 static inline void vdot4x2(const float *w, int64_t ld, const float *x0, const float *x1, int64_t n, float *o0,
@@ -80,7 +98,7 @@ static inline void vdot4x2(const float *w, int64_t ld, const float *x0, const fl
 
 /* y[p, r] = w[r] . x[p] for rows r < rows (stride ld) and the n_tok vectors x[p] (stride ldx), into y (stride ldy). */
 static inline void vgemm_rows(const float *w, int64_t rows, int64_t ld, const float *x, int64_t n_tok, int64_t ldx,
-                      int64_t n, float *y, int64_t ldy) {
+                              int64_t n, float *y, int64_t ldy) {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
         const float *wr = w + r * ld;
@@ -89,8 +107,13 @@ static inline void vgemm_rows(const float *w, int64_t rows, int64_t ld, const fl
                                               y + (p + 1) * ldy + r);
         for (; p < n_tok; p++) vdot4(wr, ld, x + p * ldx, n, y + p * ldy + r);
     }
-    for (; r < rows; r++)
-        for (int64_t p = 0; p < n_tok; p++) y[p * ldy + r] = vdot(w + r * ld, x + p * ldx, n);
+    for (; r < rows; r++) {
+        const float *wr = w + r * ld;
+        int64_t p = 0;
+        for (; p + 2 <= n_tok; p += 2)
+            vdot1x2(wr, x + p * ldx, x + (p + 1) * ldx, n, y + p * ldy + r, y + (p + 1) * ldy + r);
+        for (; p < n_tok; p++) y[p * ldy + r] = vdot(wr, x + p * ldx, n);
+    }
 }
 
 /* y[r] = (row r of w, stride ld) . x for r < rows: four rows at a time, then one. */
@@ -100,17 +123,42 @@ static inline void vgemv(const float *w, int64_t rows, int64_t ld, const float *
     for (; r < rows; r++) y[r] = vdot(w + r * ld, x, n);
 }
 
-/* y[c] += sum_j coef[j] * rows[j * ld + c] for c < n, j < n_rows: four rows per pass over y. */
+/* y[c] += sum_j coef[j] * rows[j * ld + c] for c < n, j < n_rows: eight rows per pass over y, then four, then one.
+ * vaxpy_rows2 does the same for two vectors at once, with the same arithmetic per vector. */
+#define AXPY_TERMS8(y, k)                                                                                         \
+    ((((((((y) + k##0 * w0) + k##1 * w1) + k##2 * w2) + k##3 * w3) + k##4 * w4) + k##5 * w5) + k##6 * w6) + k##7 * w7
+#define AXPY_TERMS4(y, k) (((((y) + k##0 * w0) + k##1 * w1) + k##2 * w2) + k##3 * w3)
+
 static inline void vaxpy_rows(const float *rows, int64_t n_rows, int64_t ld, const float *coef, float *y, int64_t n) {
     int64_t j = 0;
-    for (; j + 4 <= n_rows; j += 4) {
-        const float *r0 = rows + j * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;
-        const float c0 = coef[j], c1 = coef[j + 1], c2 = coef[j + 2], c3 = coef[j + 3];
+    for (; j + 8 <= n_rows; j += 8) {
+        const float *r = rows + j * ld, *k = coef + j;
+        const float c0 = k[0], c1 = k[1], c2 = k[2], c3 = k[3], c4 = k[4], c5 = k[5], c6 = k[6], c7 = k[7];
         int64_t c = 0;
-        for (; c + 8 <= n; c += 8)
-            store8(y + c, load8(y + c) + c0 * load8(r0 + c) + c1 * load8(r1 + c) + c2 * load8(r2 + c) +
-                              c3 * load8(r3 + c));
-        for (; c < n; c++) y[c] += c0 * r0[c] + c1 * r1[c] + c2 * r2[c] + c3 * r3[c];
+        for (; c + 8 <= n; c += 8) {
+            const v8f w0 = load8(r + c), w1 = load8(r + ld + c), w2 = load8(r + 2 * ld + c), w3 = load8(r + 3 * ld + c);
+            const v8f w4 = load8(r + 4 * ld + c), w5 = load8(r + 5 * ld + c), w6 = load8(r + 6 * ld + c),
+                      w7 = load8(r + 7 * ld + c);
+            store8(y + c, AXPY_TERMS8(load8(y + c), c));
+        }
+        for (; c < n; c++) {
+            const float w0 = r[c], w1 = r[ld + c], w2 = r[2 * ld + c], w3 = r[3 * ld + c], w4 = r[4 * ld + c],
+                        w5 = r[5 * ld + c], w6 = r[6 * ld + c], w7 = r[7 * ld + c];
+            y[c] = AXPY_TERMS8(y[c], c);
+        }
+    }
+    for (; j + 4 <= n_rows; j += 4) {
+        const float *r = rows + j * ld, *k = coef + j;
+        const float c0 = k[0], c1 = k[1], c2 = k[2], c3 = k[3];
+        int64_t c = 0;
+        for (; c + 8 <= n; c += 8) {
+            const v8f w0 = load8(r + c), w1 = load8(r + ld + c), w2 = load8(r + 2 * ld + c), w3 = load8(r + 3 * ld + c);
+            store8(y + c, AXPY_TERMS4(load8(y + c), c));
+        }
+        for (; c < n; c++) {
+            const float w0 = r[c], w1 = r[ld + c], w2 = r[2 * ld + c], w3 = r[3 * ld + c];
+            y[c] = AXPY_TERMS4(y[c], c);
+        }
     }
     for (; j < n_rows; j++) {
         const float *r0 = rows + j * ld, c0 = coef[j];
@@ -118,24 +166,42 @@ static inline void vaxpy_rows(const float *rows, int64_t n_rows, int64_t ld, con
     }
 }
 
-/* vaxpy_rows for two vectors y0, y1 with their own coefficients, each row read once for both: per vector the same
- * arithmetic as vaxpy_rows. */
 static inline void vaxpy_rows2(const float *rows, int64_t n_rows, int64_t ld, const float *coef0, const float *coef1,
                                float *y0, float *y1, int64_t n) {
     int64_t j = 0;
-    for (; j + 4 <= n_rows; j += 4) {
-        const float *r0 = rows + j * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;
-        const float c0 = coef0[j], c1 = coef0[j + 1], c2 = coef0[j + 2], c3 = coef0[j + 3];
-        const float d0 = coef1[j], d1 = coef1[j + 1], d2 = coef1[j + 2], d3 = coef1[j + 3];
+    for (; j + 8 <= n_rows; j += 8) {
+        const float *r = rows + j * ld, *k = coef0 + j, *l = coef1 + j;
+        const float c0 = k[0], c1 = k[1], c2 = k[2], c3 = k[3], c4 = k[4], c5 = k[5], c6 = k[6], c7 = k[7];
+        const float d0 = l[0], d1 = l[1], d2 = l[2], d3 = l[3], d4 = l[4], d5 = l[5], d6 = l[6], d7 = l[7];
         int64_t c = 0;
         for (; c + 8 <= n; c += 8) {
-            const v8f w0 = load8(r0 + c), w1 = load8(r1 + c), w2 = load8(r2 + c), w3 = load8(r3 + c);
-            store8(y0 + c, load8(y0 + c) + c0 * w0 + c1 * w1 + c2 * w2 + c3 * w3);
-            store8(y1 + c, load8(y1 + c) + d0 * w0 + d1 * w1 + d2 * w2 + d3 * w3);
+            const v8f w0 = load8(r + c), w1 = load8(r + ld + c), w2 = load8(r + 2 * ld + c), w3 = load8(r + 3 * ld + c);
+            const v8f w4 = load8(r + 4 * ld + c), w5 = load8(r + 5 * ld + c), w6 = load8(r + 6 * ld + c),
+                      w7 = load8(r + 7 * ld + c);
+            store8(y0 + c, AXPY_TERMS8(load8(y0 + c), c));
+            store8(y1 + c, AXPY_TERMS8(load8(y1 + c), d));
         }
         for (; c < n; c++) {
-            y0[c] += c0 * r0[c] + c1 * r1[c] + c2 * r2[c] + c3 * r3[c];
-            y1[c] += d0 * r0[c] + d1 * r1[c] + d2 * r2[c] + d3 * r3[c];
+            const float w0 = r[c], w1 = r[ld + c], w2 = r[2 * ld + c], w3 = r[3 * ld + c], w4 = r[4 * ld + c],
+                        w5 = r[5 * ld + c], w6 = r[6 * ld + c], w7 = r[7 * ld + c];
+            y0[c] = AXPY_TERMS8(y0[c], c);
+            y1[c] = AXPY_TERMS8(y1[c], d);
+        }
+    }
+    for (; j + 4 <= n_rows; j += 4) {
+        const float *r = rows + j * ld, *k = coef0 + j, *l = coef1 + j;
+        const float c0 = k[0], c1 = k[1], c2 = k[2], c3 = k[3];
+        const float d0 = l[0], d1 = l[1], d2 = l[2], d3 = l[3];
+        int64_t c = 0;
+        for (; c + 8 <= n; c += 8) {
+            const v8f w0 = load8(r + c), w1 = load8(r + ld + c), w2 = load8(r + 2 * ld + c), w3 = load8(r + 3 * ld + c);
+            store8(y0 + c, AXPY_TERMS4(load8(y0 + c), c));
+            store8(y1 + c, AXPY_TERMS4(load8(y1 + c), d));
+        }
+        for (; c < n; c++) {
+            const float w0 = r[c], w1 = r[ld + c], w2 = r[2 * ld + c], w3 = r[3 * ld + c];
+            y0[c] = AXPY_TERMS4(y0[c], c);
+            y1[c] = AXPY_TERMS4(y1[c], d);
         }
     }
     for (; j < n_rows; j++) {
