@@ -45,9 +45,9 @@ class _StepPlan:
     """What one linear does for a step's set of adapter slots (kept per set until a load or unload)."""
 
     only: int | None  # the one adapter of every token of the step, when it is so
-    lora: list[int]  # the slots present with LoRA experts here, then those with IA3 on the input, on the output
-    ia3_in: list[int]
-    ia3_out: list[int]
+    lora: list[int]  # the step's slots with LoRA experts on this linear
+    ia3_in: list[int]  # ... with IA3 experts on its input
+    ia3_out: list[int]  # ... with IA3 experts on its output
 
 
 @dataclass
@@ -174,7 +174,7 @@ class AdaptedLinear(nn.Module):
         if plan is None:
             return self._base(x)
         if plan.only is not None:  # every token of the step is this one adapter's: no per-token routing
-            return self._one_adapter(x, plan.only)
+            return self._one_adapter(x, plan.only, groups)
         if plan.ia3_in:
             x_in = x.clone()
             self._rescale_ia3("ia3_in", plan.ia3_in, x_in, groups)
@@ -231,40 +231,32 @@ class AdaptedLinear(nn.Module):
         for s in ia3_slots:
             act[groups[s]] = act[groups[s]] * self._ia3_scale(kind, s, act[groups[s]])
 
-    def _one_adapter(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+    def _one_adapter(self, x: torch.Tensor, slot: int, groups: dict) -> torch.Tensor:
         """The step where all T tokens belong to `slot`: the same result as the per-slot path, with no per-token
         routing or padding (a plain LoRA is two small matmuls), in fp32 and rounded once like moe_lora."""
         kind = self.kind[slot]
         if kind == "ia3_in":
             x_in = x.clone()
-            if native_ia3_fits(x_in, self.tables["ia3_in_vec"]):
-                rows = self._one_rows(slot, x.shape[0])
-                slot_ia3_native(x_in, self.tables["ia3_in_vec"], self.tables.get("ia3_in_router"),
-                                self._ia3_routing["ia3_in"], rows)  # fmt: skip
-                return self._base(x_in)
-            return self._base(x * self._ia3_scale("ia3_in", slot, x))
+            self._rescale_ia3("ia3_in", [slot], x_in, groups)
+            return self._base(x_in)
         y = self._base(x)  # [T, out]
         if kind == "ia3_out":
-            if native_ia3_fits(y, self.tables["ia3_out_vec"]):
-                rows = self._one_rows(slot, x.shape[0])
-                slot_ia3_native(y, self.tables["ia3_out_vec"], self.tables.get("ia3_out_router"),
-                                self._ia3_routing["ia3_out"], rows)  # fmt: skip
-                return y
-            return y * self._ia3_scale("ia3_out", slot, y)
+            self._rescale_ia3("ia3_out", [slot], y, groups)
+            return y
         tables = self._slot_tables([slot], "one")
         if native_lora_fits(x, tables, y):
-            slot_lora_native(x, tables, self._one_rows(0, x.shape[0]), y)
+            slot_lora_native(x, tables, self._one_rows(x.shape[0]), y)
         else:
             slot_batched_lora(x, tables, SlotPadding.whole(), y)
         return y
 
     @staticmethod
-    def _one_rows(value: int, num_tokens: int) -> torch.Tensor:
-        """[T] int32 of one value (a step of one adapter), made once per step."""
+    def _one_rows(num_tokens: int) -> torch.Tensor:
+        """[T] int32 zeros: every token on the one adapter row of a one-adapter step's tables (made once per step)."""
         step_cache = get_forward_context().step_cache
-        key = ("one_rows", value, num_tokens)
+        key = ("one_rows", num_tokens)
         if key not in step_cache:
-            step_cache[key] = torch.full((num_tokens,), value, dtype=torch.int32)
+            step_cache[key] = torch.zeros(num_tokens, dtype=torch.int32)
         return step_cache[key]
 
     def _ia3_scale(self, kind: str, slot: int, act: torch.Tensor) -> torch.Tensor:
