@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     from moeserve.kernels.fused_moe import fused_moe_native, fused_moe_torch
     from moeserve.kernels.native import native_library
-    from moeserve.kernels.paged_attention import paged_decode_attention_native, paged_decode_attention_torch
+    from moeserve.kernels.paged_decode_attention import paged_decode_attention_native, paged_decode_attention_torch
 
     if native_library() is None:
         raise SystemExit("the native CPU kernels could not be built here (see the warning above)")

@@ -242,8 +242,8 @@ def section_lora(bench: Bench, args) -> str:
 
 
 def section_attention(bench: Bench, args) -> str:
-    from moeserve.kernels.paged_attention import paged_decode_attention_torch
-    from moeserve.kernels.paged_attention_triton import paged_decode_attention_triton
+    from moeserve.kernels.paged_decode_attention import paged_decode_attention_torch
+    from moeserve.kernels.paged_decode_attention_triton import paged_decode_attention_triton
 
     torch = bench.torch
     block_size = 16

@@ -26,11 +26,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from moeserve.builtin import builtin_model_dir
-from moeserve.builtin.evaluate import evaluate_model
-from moeserve.tasks import get_task
-from moeserve.tasks.base import write_jsonl
+from moeserve.demo.offline_eval import evaluate_model
+from moeserve.demo.tasks import get_task
+from moeserve.demo.tasks.base import write_jsonl
+from moeserve.training.adapter_method import MethodOptions
 from moeserve.training.data import DataConfig, build_training_data
-from moeserve.training.method import MethodOptions
 from moeserve.training.trainer import AdapterTrainer, TrainArgs, _training_arguments, train
 
 logger = logging.getLogger("compare_methods")

@@ -126,7 +126,7 @@ xdist=()
 
 # Compiled Triton on CUDA (the modules pick cuda themselves when it is there); on --cpu only the torch-side tests run
 kernel_tests=(tests/test_kernels_backend.py tests/test_kernels_fused_moe.py tests/test_kernels_moe_lora.py
-              tests/test_kernels_paged_attention.py tests/test_fused_moe.py)
+              tests/test_kernels_paged_decode_attention.py tests/test_fused_moe.py)
 if [ "$MODE" = cpu ]; then
   step kernels 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_kernels_backend.py tests/test_fused_moe.py \
     --junitxml="$RES/kernels.xml"

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moeserve.builtin.config import PRESETS
-from moeserve.builtin.evaluate import BACKENDS, evaluate_model
 from moeserve.builtin.locate import DATA_DIR
-from moeserve.builtin.pretrain import PRETRAIN_INFO, pretrain
-from moeserve.tasks import TASKS, get_task
+from moeserve.demo.offline_eval import BACKENDS, evaluate_model
+from moeserve.demo.pretraining.config import PRESETS
+from moeserve.demo.pretraining.pretrain import PRETRAIN_INFO, pretrain
+from moeserve.demo.tasks import TASKS, get_task
 
 logger = logging.getLogger("pretrain_base")
 

@@ -53,8 +53,8 @@ def resolve_model(spec: str, cache_dir: Path) -> Path:
 
 def _builtin_ready() -> bool:
     try:
-        from moeserve.builtin.config import PRESETS
         from moeserve.builtin.locate import DATA_DIR, cache_root, is_model_dir
+        from moeserve.demo.pretraining.config import PRESETS
     except ImportError:
         return False
     name = PRESETS["base"].name
@@ -181,8 +181,8 @@ def _targets(method: str, model_type: str) -> list[str] | None:
 
 def make_adapter(base_dir: Path, out_dir: Path, method: str, seed: int, token_ids: list[list[int]]) -> Path:
     """A trained-looking adapter: prepared by the method's training code, its trainable tensors perturbed, saved."""
-    from moeserve.training.method import MethodOptions
-    from moeserve.training.methods import get_method
+    from moeserve.training.adapter_method import MethodOptions
+    from moeserve.training.lora_experts_method import get_method
 
     if (out_dir / "adapter_config.json").exists():
         return out_dir

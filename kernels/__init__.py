@@ -9,7 +9,7 @@ from moeserve.kernels.backend import use_triton
 from moeserve.kernels.expert_lora import expert_lora, expert_lora_torch, fused_moe_lora
 from moeserve.kernels.fused_moe import ACTIVATIONS, fused_moe, fused_moe_torch
 from moeserve.kernels.moe_lora import moe_lora, moe_lora_torch
-from moeserve.kernels.paged_attention import paged_decode_attention, paged_decode_attention_torch
+from moeserve.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_torch
 
 __all__ = [
     "ACTIVATIONS",

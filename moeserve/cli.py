@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     srv.set_defaults(func=_serve)
 
-    from moeserve.demo_cli import add_demo_commands
+    from moeserve.demo.cli import add_demo_commands
     from moeserve.training.cli import add_train_commands
     from moeserve.training.esft.cli import add_esft_commands
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moeserve.kernels.attention import kv_slots
+from moeserve.kernels.varlen_attention import kv_slots
 
 
 @dataclass

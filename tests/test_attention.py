@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeserve.kernels import attention
-from moeserve.kernels.attention import gather_kv, kv_slots, store_kv, varlen_attention_torch
+from moeserve.kernels import varlen_attention
+from moeserve.kernels.varlen_attention import gather_kv, kv_slots, store_kv, varlen_attention_torch
 
 
 def dense_reference(q, k, v, scale, window=None):
@@ -43,13 +43,13 @@ def test_packed_sequences_match_one_by_one():
 @pytest.mark.parametrize("window", [None, 1, 4])
 def test_both_paths_match_the_dense_reference_and_train(monkeypatch, padded, window):
     """Decodes, whole prompts and chunks mixed; a window shorter than the padding; gradients finite and equal."""
-    monkeypatch.setattr(attention, "PAD_MAX_PAIRS", 10**9 if padded else 0)
+    monkeypatch.setattr(varlen_attention, "PAD_MAX_PAIRS", 10**9 if padded else 0)
     g = torch.Generator().manual_seed(1)
     query_lens, kv_lens = [1, 1, 7, 2, 5], [4, 12, 7, 9, 5]
     q = torch.randn(sum(query_lens), 6, 8, generator=g, requires_grad=True)
     k = torch.randn(sum(kv_lens), 2, 8, generator=g, requires_grad=True)
     v = torch.randn(sum(kv_lens), 2, 5, generator=g, requires_grad=True)
-    assert attention._pad_pays(query_lens, kv_lens) == padded
+    assert varlen_attention._pad_pays(query_lens, kv_lens) == padded
     out = varlen_attention_torch(q, k, v, query_lens, kv_lens, 0.35, window)
     expected, qs, ks = [], 0, 0
     for lq, lk in zip(query_lens, kv_lens):
@@ -66,9 +66,9 @@ def test_both_paths_match_the_dense_reference_and_train(monkeypatch, padded, win
 
 
 def test_padding_only_for_small_batches():
-    assert attention._pad_pays([9, 1, 23, 4], [9, 1, 23, 4])  # overhead-bound: one call
-    assert not attention._pad_pays([2048, 2048], [2048, 2048])  # long prompts: one call each
-    assert not attention._pad_pays([1, 1, 1, 100], [50, 60, 70, 100])  # too uneven: padding wastes most scores
+    assert varlen_attention._pad_pays([9, 1, 23, 4], [9, 1, 23, 4])  # overhead-bound: one call
+    assert not varlen_attention._pad_pays([2048, 2048], [2048, 2048])  # long prompts: one call each
+    assert not varlen_attention._pad_pays([1, 1, 1, 100], [50, 60, 70, 100])  # too uneven: padding wastes most scores
 
 
 def test_cache_store_then_gather_through_block_tables():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeserve.engine.kv_cache import allocate_kv_cache
+from moeserve.engine.kv_cache_tensors import allocate_kv_cache
 from moeserve.forward_context import ForwardContext, forward_context
 from moeserve.models import load_model
 from moeserve.models.attention import Attention

@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from moeserve.builtin import BASE, PRESETS, SMALL_TEST, builtin_model_dir, locate, small_test_base
-from moeserve.builtin.config import DataMix, ModelShape, Schedule
-from moeserve.builtin.evaluate import complete
+from moeserve.demo.offline_eval import complete
+from moeserve.demo.pretraining.config import DataMix, ModelShape, Schedule
+from moeserve.demo.tasks import TASKS, get_task
 from moeserve.forward_context import ForwardContext, forward_context
 from moeserve.models import load_model
-from moeserve.tasks import TASKS, get_task
 
 MAX_TOKENS = 128  # prompt + completion of every task example must fit well inside this
 
@@ -124,7 +124,7 @@ def test_missing_model_is_pretrained_into_the_cache_reproducibly(tmp_path, monke
     assert all(t.dtype == torch.bfloat16 for t in weights.values())
     load_model(first)  # moeserve loads what the pretraining wrote
 
-    from moeserve.builtin.pretrain import pretrain
+    from moeserve.demo.pretraining.pretrain import pretrain
 
     again = load_file(pretrain(MICRO, tmp_path / "again").out_dir / "model.safetensors")
     assert weights.keys() == again.keys()

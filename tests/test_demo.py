@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from moeserve.builtin import builtin_model_dir
-from moeserve.demo import BASE_NAME, DEMO_LEARNING_RATES, GENERAL_TASK, DemoConfig, DemoPlan, parse_plan, run_demo
+from moeserve.demo.run import BASE_NAME, DEMO_LEARNING_RATES, GENERAL_TASK, DemoConfig, DemoPlan, parse_plan, run_demo
 
 
 def test_short_demo_adapters_beat_the_base_on_their_own_task(tmp_path):

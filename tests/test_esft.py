@@ -12,13 +12,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from moeserve.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, AdapterError, AdapterMismatchError
+from moeserve.training.adapter_method import MethodOptions
+from moeserve.training.esft.esft_method import ESFTMethod, apply_adapter
 from moeserve.training.esft.expert_config import ExpertConfig
 from moeserve.training.esft.layout import check_experts, moe_blocks
-from moeserve.training.esft.method import ESFTMethod, apply_adapter
 from moeserve.training.esft.overlay import ExpertOverlay, overlays, remove_overlays
 from moeserve.training.esft.scoring import pack_samples, score_experts
 from moeserve.training.esft.selection import select_experts, select_layer
-from moeserve.training.method import MethodOptions
 
 # DeepSeek-V2: layer 0 dense, group-limited softmax routing. DeepSeek-V3: sigmoid + correction bias + groups.
 # Qwen2-MoE: a shared expert with its own gate, layer 1 dense. OLMoE: plain softmax top-k.

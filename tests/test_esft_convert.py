@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeserve.adapters import WEIGHTS_NAME, AdapterConfig
+from moeserve.training.adapter_method import MethodOptions
 from moeserve.training.esft.cli import add_esft_commands
 from moeserve.training.esft.convert import REFERENCE_CONFIG_NAME, export_merged, import_reference
+from moeserve.training.esft.esft_method import ESFTMethod, apply_adapter
 from moeserve.training.esft.expert_config import ExpertConfig
-from moeserve.training.esft.method import ESFTMethod, apply_adapter
-from moeserve.training.method import MethodOptions
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,11 +9,11 @@ import pytest
 
 from moeserve import LLM, SamplingParams
 from moeserve.cli import main
+from moeserve.demo.http_eval import EvalJob, metric_scorer, read_reference_jsonl, run_jobs
+from moeserve.demo.tasks import get_task
 from moeserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from moeserve.evaluate import EvalJob, metric_scorer, read_reference_jsonl, run_jobs
 from moeserve.server.app import ServerConfig
 from moeserve.server.launch import BackgroundServer, build_server
-from moeserve.tasks import get_task
 
 
 def base_app(base):

@@ -23,8 +23,8 @@ from moeserve.adapters import AdapterConfig, AdapterError
 from moeserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from moeserve.server.app import ServerConfig
 from moeserve.server.launch import BackgroundServer, build_server
-from moeserve.training.method import MethodOptions
-from moeserve.training.methods import get_method
+from moeserve.training.adapter_method import MethodOptions
+from moeserve.training.lora_experts_method import get_method
 
 PROMPTS = ["The list type is", "Return the sum of the items"]
 TOKENS = 8

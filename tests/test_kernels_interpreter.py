@@ -20,7 +20,7 @@ MODULES = (
     "test_kernels_fused_moe.py",
     "test_kernels_expert_lora.py",
     "test_kernels_moe_lora.py",
-    "test_kernels_paged_attention.py",
+    "test_kernels_paged_decode_attention.py",
 )
 SKIP_REASON = "triton was imported before TRITON_INTERPRET"
 

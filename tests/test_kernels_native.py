@@ -10,7 +10,7 @@ import torch
 
 from moeserve.kernels import native
 from moeserve.kernels.fused_moe import fused_moe, fused_moe_native, fused_moe_torch, native_fits
-from moeserve.kernels.paged_attention import (
+from moeserve.kernels.paged_decode_attention import (
     paged_decode_attention,
     paged_decode_attention_native,
     paged_decode_attention_torch,
@@ -18,7 +18,7 @@ from moeserve.kernels.paged_attention import (
 
 # The package re-exports the dispatchers under their modules' names, so the modules are taken from sys.modules.
 FUSED_MOE = sys.modules["moeserve.kernels.fused_moe"]
-PAGED_ATTENTION = sys.modules["moeserve.kernels.paged_attention"]
+PAGED_ATTENTION = sys.modules["moeserve.kernels.paged_decode_attention"]
 
 pytestmark = pytest.mark.skipif(native.native_library() is None, reason="no C compiler: the twins run instead")
 

@@ -11,8 +11,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from moeserve.adapters import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, AdapterConfig, base_fingerprint
-from moeserve.training.method import MethodOptions
-from moeserve.training.methods import get_method
+from moeserve.training.adapter_method import MethodOptions
+from moeserve.training.lora_experts_method import get_method
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -5,18 +5,15 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
-MAPPED = {"training": "moeserve.training", "kernels": "moeserve.kernels"}
 
 
 def test_every_package_is_listed_in_pyproject():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])
     on_disk = set()
-    for top in ("moeserve", "training", "kernels"):
+    for package, top in config["package-dir"].items():  # e.g. "moeserve.training" = "training"
         for init in (ROOT / top).rglob("__init__.py"):
-            parts = init.parent.relative_to(ROOT).parts
-            name = ".".join(parts)
-            on_disk.add(MAPPED.get(parts[0], parts[0]) + name[len(parts[0]) :] if parts[0] in MAPPED else name)
+            on_disk.add(".".join([package, *init.parent.relative_to(ROOT / top).parts]))
     assert on_disk - listed == set(), f"packages missing from pyproject.toml: {sorted(on_disk - listed)}"
 
 

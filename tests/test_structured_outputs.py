@@ -15,11 +15,11 @@ from adapter_factory import make_peft_lora
 
 from moeserve import LLM, SamplingParams
 from moeserve.builtin import small_test_base
+from moeserve.demo.tasks.intent import IntentTask, intent_schema
 from moeserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from moeserve.engine.sampling_params import StructuredOutputsParams
 from moeserve.server.app import ServerConfig
 from moeserve.server.launch import BackgroundServer, build_server
-from moeserve.tasks.intent import IntentTask, intent_schema
 
 SCHEMA = intent_schema()
 REGEX = r"[a-z]{2,5}-[0-9]{2}"

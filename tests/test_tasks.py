@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from moeserve.tasks import SPECIALIST_TASKS, TASKS, get_task, to_chat, write_jsonl
-from moeserve.tasks.base import StableRng, first_line
-from moeserve.tasks.metrics import chrf, field_accuracy, first_number, parse_json_object, word_accuracy
-from moeserve.tasks.pydocs import HELDOUT_MODULES, PRETRAIN_MODULES, heldout_corpus, pretrain_corpus
-from moeserve.tasks.translate import ADVERBS, NOUNS, VERBS, NounPhrase, Sentence
+from moeserve.demo.tasks import SPECIALIST_TASKS, TASKS, get_task, to_chat, write_jsonl
+from moeserve.demo.tasks.base import StableRng, first_line
+from moeserve.demo.tasks.metrics import chrf, field_accuracy, first_number, parse_json_object, word_accuracy
+from moeserve.demo.tasks.pydocs import HELDOUT_MODULES, PRETRAIN_MODULES, heldout_corpus, pretrain_corpus
+from moeserve.demo.tasks.translate import ADVERBS, NOUNS, VERBS, NounPhrase, Sentence
 
 N = 300
 
@@ -71,8 +71,8 @@ def test_generation_is_pinned():
 
 
 def test_pretraining_examples_leave_part_of_each_task_to_adapters():
-    from moeserve.tasks.arithmetic import BASE_OPS
-    from moeserve.tasks.intent import BASE_DEVICES
+    from moeserve.demo.tasks.arithmetic import BASE_OPS
+    from moeserve.demo.tasks.intent import BASE_DEVICES
 
     math = get_task("math").pretraining_examples(300, seed=1)
     assert {r["op"] for r in math if r.get("kind") != "drill"} == set(BASE_OPS)

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from moeserve import LLM
 from moeserve.adapters import CONFIG_NAME, WEIGHTS_NAME
-from moeserve.training.method import MethodOptions
+from moeserve.training.adapter_method import MethodOptions
 from moeserve.training.trainer import CHECKPOINTS_DIR, TrainArgs, train
 
 

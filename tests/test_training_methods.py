@@ -15,10 +15,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeserve.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, AdapterMismatchError, base_fingerprint
+from moeserve.training.adapter_method import MethodOptions
 from moeserve.training.cli import add_train_commands, inspect_adapter
 from moeserve.training.data import IGNORE_INDEX, DataConfig, build_training_data
-from moeserve.training.method import MethodOptions
-from moeserve.training.methods import experts_config, get_method
+from moeserve.training.lora_experts_method import experts_config, get_method
 from moeserve.training.trainer import AdapterTrainer, TrainArgs, _training_arguments, train
 
 METHODS = ["molora", "mov", "loramoe", "mola", "lora"]
@@ -165,8 +165,8 @@ def test_registry(tmp_path):
     assert {get_method(m).name for m in METHODS} == set(METHODS)
     with pytest.raises(ValueError, match="unknown adapter method 'nope'"):
         get_method("nope")
-    if importlib.util.find_spec("moeserve.training.esft.method") is None:
-        with pytest.raises(ValueError, match="needs moeserve.training.esft.method"):
+    if importlib.util.find_spec("moeserve.training.esft.esft_method") is None:
+        with pytest.raises(ValueError, match="needs moeserve.training.esft.esft_method"):
             get_method("esft-gate")
     else:
         assert get_method("esft-token").name == "esft-token"

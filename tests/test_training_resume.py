@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from moeserve.adapters import WEIGHTS_NAME
-from moeserve.training.method import MethodOptions
+from moeserve.training.adapter_method import MethodOptions
 from moeserve.training.trainer import CHECKPOINTS_DIR, TRAINABLE_STATE_NAME, TrainArgs, train
 
 STEPS = 8  # with 12 samples packed into a few blocks and 2 blocks a step, this crosses epoch boundaries

@@ -61,7 +61,7 @@ def _names(text: str) -> list[str]:
 def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     """Registers `train` and `adapters inspect` on a parser's subcommands."""
     from moeserve.training.lora_experts import ALLOCATIONS, LBC_VARIANTS
-    from moeserve.training.methods import method_names
+    from moeserve.training.lora_experts_method import method_names
 
     train = subparsers.add_parser(
         "train", help="train an adapter (ESFT, MoLoRA, MoV, LoRAMoE, MoLA, LoRA) on a transformers model",
@@ -136,7 +136,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def train_args_from_namespace(args: argparse.Namespace):
     """The TrainArgs a parsed `train` command line asks for."""
-    from moeserve.training.method import MethodOptions
+    from moeserve.training.adapter_method import MethodOptions
     from moeserve.training.trainer import TrainArgs
 
     options = MethodOptions(

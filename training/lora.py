@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from moeserve.adapters import FORMAT_VERSION, WEIGHTS_NAME, AdapterConfig, AdapterError, base_fingerprint
-from moeserve.training.method import MethodOptions
+from moeserve.training.adapter_method import MethodOptions
 
 logger = logging.getLogger(__name__)
 

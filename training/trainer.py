@@ -43,9 +43,9 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from moeserve.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
+from moeserve.training.adapter_method import AdapterMethod, MethodOptions
 from moeserve.training.data import DataConfig, build_training_data
-from moeserve.training.method import AdapterMethod, MethodOptions
-from moeserve.training.methods import DEFAULT_LEARNING_RATES, get_method
+from moeserve.training.lora_experts_method import DEFAULT_LEARNING_RATES, get_method
 
 logger = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@
     base = builtin_model_dir()       # the demo's base (shipped; pretrained on first use if missing)
     tiny = small_test_base()         # a much smaller one for CI
 
-How they are made: moeserve/builtin/pretrain.py, run by benchmarks/pretrain_base.py; docs/base_model.md.
+How they are made: demo/pretraining/pretrain.py, run by benchmarks/pretrain_base.py; docs/base_model.md.
 """
 
-from moeserve.builtin.config import BASE, PRESETS, SMALL_TEST, PretrainConfig
 from moeserve.builtin.locate import builtin_model_dir, small_test_base
+from moeserve.demo.pretraining.config import BASE, PRESETS, SMALL_TEST, PretrainConfig
 
 __all__ = ["BASE", "PRESETS", "SMALL_TEST", "PretrainConfig", "builtin_model_dir", "small_test_base"]

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from moeserve.builtin.config import PRESETS
+from moeserve.demo.pretraining.config import PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def builtin_model_dir(preset: str = "base") -> Path:
         "the built-in model %s is not shipped in this install (%s); pretraining it into %s once (%d steps)",
         config.name, shipped, cached, config.schedule.steps,
     )  # fmt: skip
-    from moeserve.builtin.pretrain import pretrain  # imports Trainer; only needed here
+    from moeserve.demo.pretraining.pretrain import pretrain  # imports Trainer; only needed here
 
     cached.parent.mkdir(parents=True, exist_ok=True)
     # Train into a temporary sibling and rename: an interrupted run leaves no half-written model behind.

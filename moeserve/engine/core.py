@@ -16,8 +16,8 @@ from transformers import AutoTokenizer, GenerationConfig
 from moeserve.adapters.manager import AdapterManager
 from moeserve.engine.config import EngineConfig
 from moeserve.engine.core_messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats, StepFailedError
-from moeserve.engine.kv_cache import default_num_blocks
 from moeserve.engine.kv_cache_manager import KVCacheManager
+from moeserve.engine.kv_cache_tensors import default_num_blocks
 from moeserve.engine.model_runner import ModelRunner
 from moeserve.engine.sampler import Sampler
 from moeserve.engine.scheduler import Scheduler

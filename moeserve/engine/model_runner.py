@@ -15,7 +15,7 @@ from itertools import accumulate, chain
 import torch
 
 from moeserve.engine.cuda_graphs import DecodeGraphs, cuda_graph_capture
-from moeserve.engine.kv_cache import allocate_kv_cache
+from moeserve.engine.kv_cache_tensors import allocate_kv_cache
 from moeserve.engine.prompt_logprobs import PromptLogprobRows, plan_prompt_logprobs, score_prompt_tokens
 from moeserve.engine.sampler import Sampler
 from moeserve.engine.scheduler import RunnerOutput, ScheduledSeq, SchedulerOutput

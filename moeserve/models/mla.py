@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from moeserve.forward_context import ForwardContext, adapter_rows, forward_context, get_forward_context
-from moeserve.kernels.attention import kv_slots, store_kv, varlen_attention_torch
-from moeserve.kernels.paged_attention import paged_decode_attention
+from moeserve.kernels.paged_decode_attention import paged_decode_attention
+from moeserve.kernels.varlen_attention import kv_slots, store_kv, varlen_attention_torch
 from moeserve.models.norm import RMSNorm
 from moeserve.models.rotary import RotaryEmbedding
 from moeserve.models.spec import MLASpec

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from moeserve.adapters import AdapterConfig
+from moeserve.training.esft.esft_method import apply_adapter, make_adapter_config
 from moeserve.training.esft.expert_config import ExpertConfig
 from moeserve.training.esft.layout import (
     EXPERT_PROJS,
@@ -33,7 +34,6 @@ from moeserve.training.esft.layout import (
     shared_expert_params,
     target_modules,
 )
-from moeserve.training.esft.method import apply_adapter, make_adapter_config
 from moeserve.training.esft.tensors import check_tensors, expected_shapes, read_tensors, split_expert, write_adapter
 
 logger = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The tensors of an ESFT adapter: collecting them from a trained model, checking a saved file, and writing them into
-a base model's fused expert tables. The naming contract is in `moeserve.training.esft.method`'s docstring.
+a base model's fused expert tables. The naming contract is in `moeserve.training.esft.esft_method`'s docstring.
 """
 
 from __future__ import annotations

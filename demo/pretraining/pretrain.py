@@ -27,9 +27,9 @@ from transformers import (
     set_seed,
 )
 
-from moeserve.builtin.config import ModelShape, PretrainConfig
-from moeserve.builtin.corpus import PackedBlocks, build_samples, mixture_report, tokenizer_texts
-from moeserve.builtin.tokenizer import train_tokenizer
+from moeserve.demo.pretraining.config import ModelShape, PretrainConfig
+from moeserve.demo.pretraining.corpus import PackedBlocks, build_samples, mixture_report, tokenizer_texts
+from moeserve.demo.pretraining.tokenizer import train_tokenizer
 from moeserve.tiny.tokenizer import ENDOFTEXT, IM_END
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ def _quiet_http_client_logs() -> None:
 def _demo(args: argparse.Namespace) -> int:
     _quiet_http_client_logs()
     from moeserve.builtin import builtin_model_dir
-    from moeserve.demo import DemoConfig, parse_plan, run_demo
+    from moeserve.demo.run import DemoConfig, parse_plan, run_demo
 
     config = DemoConfig(
         base=args.model or builtin_model_dir(),
@@ -46,12 +46,12 @@ def _eval(args: argparse.Namespace) -> int:
     _quiet_http_client_logs()
     import httpx
 
-    from moeserve.evaluate import EvalJob, ServerError, metric_scorer, read_reference_jsonl, run_jobs
+    from moeserve.demo.http_eval import EvalJob, ServerError, metric_scorer, read_reference_jsonl, run_jobs
 
     if bool(args.task) == bool(args.data):
         raise ValueError("give exactly one of --task NAME or --data FILE")
     if args.task:
-        from moeserve.tasks import get_task
+        from moeserve.demo.tasks import get_task
 
         task = get_task(args.task)
         job = EvalJob.for_task(args.model, task, task.generate(args.split, args.n, args.seed), args.max_tokens)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from moeserve.tasks.arithmetic import MathTask
-from moeserve.tasks.base import Task
-from moeserve.tasks.general import GeneralTask
-from moeserve.tasks.intent import IntentTask
-from moeserve.tasks.translate import TranslateTask
+from moeserve.demo.tasks.arithmetic import MathTask
+from moeserve.demo.tasks.base import Task
+from moeserve.demo.tasks.general import GeneralTask
+from moeserve.demo.tasks.intent import IntentTask
+from moeserve.demo.tasks.translate import TranslateTask
 
 TASKS: dict[str, Task] = {task.name: task for task in (MathTask(), IntentTask(), TranslateTask(), GeneralTask())}
 # What adapters are trained for; "general" measures how much general ability they keep.

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from moeserve.tasks.base import StableRng, Task, mean, record
-from moeserve.tasks.metrics import field_accuracy, parse_json_object
+from moeserve.demo.tasks.base import StableRng, Task, mean, record
+from moeserve.demo.tasks.metrics import field_accuracy, parse_json_object
 
 
 @dataclass(frozen=True)

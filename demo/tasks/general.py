@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from moeserve.tasks import pydocs
-from moeserve.tasks.base import StableRng, Task, mean, record, split_of
-from moeserve.tasks.metrics import exact_match, word_accuracy
+from moeserve.demo.tasks import pydocs
+from moeserve.demo.tasks.base import StableRng, Task, mean, record, split_of
+from moeserve.demo.tasks.metrics import exact_match, word_accuracy
 
 CONTINUATION_WORDS = 3  # words to predict after a docstring prefix
 DOCSTRING_SHARE = 1 / 3  # of the examples; continuing unseen text is hard at this scale, so patterns carry more weight

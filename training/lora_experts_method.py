@@ -11,7 +11,7 @@ expert count, rank/alpha, routing and auxiliary loss. Defaults follow methods.md
 | mola    | LoRA           | q, k, v, o, gate, up, down | inverted-triangle | 8/16    | top-2, renorm   | Switch 0.001 |
 | lora    | PEFT LoRA      | q, k, v, o                 | -                 | 8/16    | -               | -            |
 
-ESFT (`esft-gate`, `esft-token`) lives in training/esft/method.py and is imported only when asked for.
+ESFT (`esft-gate`, `esft-token`) lives in training/esft/esft_method.py and is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from moeserve.adapters import ESFT_METHODS, WEIGHTS_NAME, AdapterConfig, AdapterError, base_fingerprint
+from moeserve.training.adapter_method import AdapterMethod, MethodOptions
 from moeserve.training.lora import LoRAMethod
 from moeserve.training.lora_experts import (
     ExpertsConfig,
@@ -36,7 +37,6 @@ from moeserve.training.lora_experts import (
     load_adapter_state_dict,
     mola_allocation,
 )
-from moeserve.training.method import AdapterMethod, MethodOptions
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def get_method(name: str) -> AdapterMethod:
 
 
 def _esft_method(name: str) -> AdapterMethod:
-    module_name = "moeserve.training.esft.method"
+    module_name = "moeserve.training.esft.esft_method"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -2,7 +2,7 @@
 
 Two backends that must agree: moeserve's own engine (`LLM`, the default: it is what gets served) and transformers'
 `generate` (the reference). Generation stops at EOS, at a line break (every reference is one line, see
-moeserve.tasks.base.first_line) or after the task's `max_new_tokens`.
+moeserve.demo.tasks.base.first_line) or after the task's `max_new_tokens`.
 `moeserve eval` scores through the HTTP API instead; the records and metrics are the same.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from moeserve.tasks import get_task
-from moeserve.tasks.base import ANSWER_END
+from moeserve.demo.tasks import get_task
+from moeserve.demo.tasks.base import ANSWER_END
 
 logger = logging.getLogger(__name__)
 

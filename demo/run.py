@@ -15,12 +15,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from moeserve.adapters import METHODS
+from moeserve.demo.http_eval import EvalJob, EvalResult, run_jobs
+from moeserve.demo.tasks import SPECIALIST_TASKS, get_task
+from moeserve.demo.tasks.base import write_jsonl
 from moeserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from moeserve.evaluate import EvalJob, EvalResult, run_jobs
 from moeserve.server.app import ServerConfig
 from moeserve.server.launch import BackgroundServer, build_server
-from moeserve.tasks import SPECIALIST_TASKS, get_task
-from moeserve.tasks.base import write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class DemoReport:
 
 
 def train_adapters(config: DemoConfig) -> list[TrainedAdapter]:
-    from moeserve.training.method import MethodOptions
+    from moeserve.training.adapter_method import MethodOptions
     from moeserve.training.trainer import TrainArgs, train
 
     trained = []

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from moeserve.tasks.base import StableRng, Task, mean, record
-from moeserve.tasks.metrics import chrf, exact_match
+from moeserve.demo.tasks.base import StableRng, Task, mean, record
+from moeserve.demo.tasks.metrics import chrf, exact_match
 
 # English singular, English plural, Veltan root.
 NOUNS: tuple[tuple[str, str, str], ...] = (

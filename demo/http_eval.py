@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from moeserve.tasks.base import Task
-from moeserve.tasks.metrics import chrf, exact_match
+from moeserve.demo.tasks.base import Task
+from moeserve.demo.tasks.metrics import chrf, exact_match
 
 METRICS: dict[str, Callable[[str, str], float]] = {"exact": exact_match, "chrf": chrf}
 

@@ -31,6 +31,7 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from moeserve.adapters import AdapterConfig, AdapterError, base_fingerprint
+from moeserve.training.adapter_method import MethodOptions
 from moeserve.training.esft.expert_config import ExpertConfig
 from moeserve.training.esft.layout import check_experts, score_source, target_modules
 from moeserve.training.esft.overlay import install_overlays, set_trainable
@@ -44,7 +45,6 @@ from moeserve.training.esft.tensors import (
     write_adapter,
     write_into_model,
 )
-from moeserve.training.method import MethodOptions
 
 logger = logging.getLogger(__name__)
 

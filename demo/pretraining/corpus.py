@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from moeserve.builtin.config import DataMix
-from moeserve.tasks import get_task
-from moeserve.tasks.base import StableRng
-from moeserve.tasks.pydocs import pretrain_corpus
+from moeserve.demo.pretraining.config import DataMix
+from moeserve.demo.tasks import get_task
+from moeserve.demo.tasks.base import StableRng
+from moeserve.demo.tasks.pydocs import pretrain_corpus
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ block_tables[b, i // S] at offset i % S; query head h reads key/value head h // 
 Every sequence has L >= 1: a decode query's own key is in the cache before attention runs.
 
 MLA (DeepSeek) calls this with its latent cache as both keys (latent + rotary part) and values (the latent).
-This module holds the pure-torch twin and the dispatcher; the Triton kernel is in paged_attention_triton.py.
+This module holds the pure-torch twin and the dispatcher; the Triton kernel is in paged_decode_attention_triton.py.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def paged_decode_attention(
     """
     args = (q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, max_context_len)
     if use_triton(q):
-        from moeserve.kernels.paged_attention_triton import paged_decode_attention_triton
+        from moeserve.kernels.paged_decode_attention_triton import paged_decode_attention_triton
 
         return paged_decode_attention_triton(*args)
     if native_attention_fits(q, k_cache, v_cache) and kernel_mode() != "torch":

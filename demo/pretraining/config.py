@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moeserve.tasks import TASKS
+from moeserve.demo.tasks import TASKS
 
 
 @dataclass(frozen=True)

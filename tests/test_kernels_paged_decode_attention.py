@@ -21,7 +21,7 @@ if DEVICE == "cpu" and not interpreter_ready():
     pytest.skip("triton was imported before TRITON_INTERPRET: see the docstring", allow_module_level=True)
 
 from moeserve.kernels import paged_decode_attention, paged_decode_attention_torch  # noqa: E402
-from moeserve.kernels.paged_attention_triton import (  # noqa: E402
+from moeserve.kernels.paged_decode_attention_triton import (  # noqa: E402
     launch_paged_decode,
     num_kv_splits,
     paged_decode_attention_triton,

@@ -1,6 +1,6 @@
 """Write a task split as JSONL.
 
-python -m moeserve.tasks math train 2000 --out math-train.jsonl [--seed 0] [--chat]
+python -m moeserve.demo.tasks math train 2000 --out math-train.jsonl [--seed 0] [--chat]
 """
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from moeserve.tasks import SPLITS, TASKS, get_task, to_chat, write_jsonl
+from moeserve.demo.tasks import SPLITS, TASKS, get_task, to_chat, write_jsonl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moeserve.tasks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m moeserve.demo.tasks", description=__doc__)
     parser.add_argument("task", choices=sorted(TASKS))
     parser.add_argument("split", choices=SPLITS)
     parser.add_argument("n", type=int)

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from moeserve.tasks.base import StableRng, Task, record
-from moeserve.tasks.metrics import exact_match, first_number
+from moeserve.demo.tasks.base import StableRng, Task, record
+from moeserve.demo.tasks.metrics import exact_match, first_number
 
 _PEOPLE: tuple[tuple[str, str], ...] = (
     ("Tom", "he"), ("Anna", "she"), ("Ben", "he"), ("Lucy", "she"), ("Sam", "he"), ("Mia", "she"),
