@@ -33,11 +33,9 @@ def resolve_model(spec: str, cache_dir: Path) -> Path:
     if spec == "auto":
         spec = "builtin" if _builtin_ready() else "tiny-olmoe"
     if spec == "builtin":
-        try:
-            from moeserve.builtin import builtin_model_dir
-        except ImportError:
-            from moeserve.builtin.locate import builtin_model_dir
-        return Path(builtin_model_dir())
+        from moeserve.demo.pretraining.ensure import ensure_builtin_model
+
+        return ensure_builtin_model()
     if spec.startswith("tiny-"):
         from moeserve.tiny import make_tiny
 
@@ -52,13 +50,9 @@ def resolve_model(spec: str, cache_dir: Path) -> Path:
 
 
 def _builtin_ready() -> bool:
-    try:
-        from moeserve.builtin.locate import DATA_DIR, cache_root, is_model_dir
-        from moeserve.demo.pretraining.config import PRESETS
-    except ImportError:
-        return False
-    name = PRESETS["base"].name
-    return is_model_dir(DATA_DIR / name) or is_model_dir(cache_root() / name)
+    from moeserve.builtin.locate import BUILTIN_MODELS, find_model
+
+    return find_model(BUILTIN_MODELS["base"]) is not None
 
 
 @dataclass(frozen=True)

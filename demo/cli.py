@@ -16,11 +16,11 @@ def _quiet_http_client_logs() -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     _quiet_http_client_logs()
-    from moeserve.builtin import builtin_model_dir
+    from moeserve.demo.pretraining.ensure import ensure_builtin_model
     from moeserve.demo.run import DemoConfig, parse_plan, run_demo
 
     config = DemoConfig(
-        base=args.model or builtin_model_dir(),
+        base=args.model or ensure_builtin_model(),
         work_dir=args.out,
         plan=parse_plan(args.plan),
         train_examples=args.train_examples,

@@ -1,5 +1,8 @@
 """The `moeserve` command line."""
 
+# `generate` and `serve` are defined here; the other commands come from the parts that own them: `make-tiny` from
+# moeserve.tiny, `train`, `adapters` and `esft` from moeserve.training, `demo` and `eval` from moeserve.demo.
+
 from __future__ import annotations
 
 import argparse
@@ -11,18 +14,11 @@ from pathlib import Path
 
 
 def default_model_dir() -> Path:
-    """The built-in default model: the small pretrained MoE shipped with the package (docs/base_model.md)."""
-    from moeserve.builtin import builtin_model_dir
+    """The built-in default model: the small pretrained MoE shipped with the package (docs/base_model.md),
+    pretrained once into the cache by an install that does not ship it."""
+    from moeserve.demo.pretraining.ensure import ensure_builtin_model
 
-    return builtin_model_dir()
-
-
-def _make_tiny(args: argparse.Namespace) -> int:
-    from moeserve.tiny import make_tiny
-
-    path = make_tiny(args.arch, args.out_dir, seed=args.seed)
-    print(path)
-    return 0
+    return ensure_builtin_model()
 
 
 def _adapter_pairs(values: list[str] | None) -> dict[str, Path]:
@@ -121,17 +117,13 @@ def _serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from moeserve.engine.arg_utils import add_engine_args
     from moeserve.server.tool_parser import TOOL_PARSERS
-    from moeserve.tiny import TINY_ARCHS
+    from moeserve.tiny.cli import add_tiny_commands
 
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tiny = sub.add_parser("make-tiny", help="write a tiny random-weight Hugging Face checkpoint for tests and demos")
-    tiny.add_argument("arch", choices=TINY_ARCHS)
-    tiny.add_argument("out_dir", type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.set_defaults(func=_make_tiny)
+    add_tiny_commands(sub)
 
     gen = sub.add_parser("generate", help="generate text offline with the engine (batched, paged KV cache)")
     gen.add_argument("--model", type=Path, help="Hugging Face model directory (default: the built-in small MoE)")

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from moeserve.builtin import BASE, PRESETS, SMALL_TEST, builtin_model_dir, locate, small_test_base
+from moeserve.builtin import BUILTIN_MODELS, builtin_model_dir, locate, small_test_base
 from moeserve.demo.offline_eval import complete
-from moeserve.demo.pretraining.config import DataMix, ModelShape, Schedule
+from moeserve.demo.pretraining.config import BASE, PRESETS, SMALL_TEST, DataMix, ModelShape, Schedule
+from moeserve.demo.pretraining.ensure import ensure_builtin_model
 from moeserve.demo.tasks import TASKS, get_task
 from moeserve.forward_context import ForwardContext, forward_context
 from moeserve.models import load_model
@@ -30,6 +31,15 @@ def test_both_presets_are_shipped():
     assert small_test_base() == locate.DATA_DIR / SMALL_TEST.name
     with pytest.raises(ValueError, match="unknown built-in model"):
         builtin_model_dir("huge")
+    assert {preset: config.name for preset, config in PRESETS.items()} == BUILTIN_MODELS
+
+
+def test_serving_only_looks_for_a_missing_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(locate, "DATA_DIR", tmp_path / "not-shipped")
+    monkeypatch.setenv("MOESERVE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="moeserve-small-test is neither shipped .* nor in the cache"):
+        small_test_base()
+    assert not (tmp_path / "cache").exists()
 
 
 def test_shipped_config_matches_the_preset(model_dir):
@@ -117,9 +127,9 @@ def test_missing_model_is_pretrained_into_the_cache_reproducibly(tmp_path, monke
     monkeypatch.setattr(locate, "DATA_DIR", tmp_path / "not-shipped")
     monkeypatch.setitem(PRESETS, "micro", MICRO)
     monkeypatch.setenv("MOESERVE_CACHE", str(tmp_path / "cache"))
-    first = builtin_model_dir("micro")
+    first = ensure_builtin_model("micro")
     assert first == tmp_path / "cache" / MICRO.name and locate.is_model_dir(first)
-    assert builtin_model_dir("micro") == first  # cached: not trained again
+    assert ensure_builtin_model("micro") == first  # cached: not trained again
     weights = load_file(first / "model.safetensors")
     assert all(t.dtype == torch.bfloat16 for t in weights.values())
     load_model(first)  # moeserve loads what the pretraining wrote

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moeserve.builtin import BUILTIN_MODELS
 from moeserve.demo.tasks import TASKS
 
 
@@ -82,14 +83,14 @@ class PretrainConfig:
 
 
 BASE = PretrainConfig(
-    name="moeserve-base",
+    name=BUILTIN_MODELS["base"],
     model=ModelShape(),
     data=DataMix(examples={"math": 12000, "intent": 1000, "translate": 1500, "general": 10000}),
     schedule=Schedule(steps=1600),
 )
 
 SMALL_TEST = PretrainConfig(
-    name="moeserve-small-test",
+    name=BUILTIN_MODELS["small-test"],
     model=ModelShape(
         vocab_size=1024,
         hidden_size=64,
@@ -105,4 +106,4 @@ SMALL_TEST = PretrainConfig(
     schedule=Schedule(steps=800),
 )
 
-PRESETS: dict[str, PretrainConfig] = {"base": BASE, "small-test": SMALL_TEST}
+PRESETS: dict[str, PretrainConfig] = {"base": BASE, "small-test": SMALL_TEST}  # the keys of BUILTIN_MODELS

@@ -1,13 +1,12 @@
-"""The built-in base models: small qwen2_moe models pretrained from scratch on the task suites and Python's docstrings.
+"""The built-in base models: small qwen2_moe models shipped with the package, found by name.
 
     from moeserve.builtin import builtin_model_dir, small_test_base
-    base = builtin_model_dir()       # the demo's base (shipped; pretrained on first use if missing)
+    base = builtin_model_dir()       # the demo's base: moeserve/builtin/data/moeserve-base
     tiny = small_test_base()         # a much smaller one for CI
 
-How they are made: demo/pretraining/pretrain.py, run by benchmarks/pretrain_base.py; docs/base_model.md.
+How they are made: moeserve.demo.pretraining, run by benchmarks/pretrain_base.py; docs/base_model.md.
 """
 
-from moeserve.builtin.locate import builtin_model_dir, small_test_base
-from moeserve.demo.pretraining.config import BASE, PRESETS, SMALL_TEST, PretrainConfig
+from moeserve.builtin.locate import BUILTIN_MODELS, builtin_model_dir, small_test_base
 
-__all__ = ["BASE", "PRESETS", "SMALL_TEST", "PretrainConfig", "builtin_model_dir", "small_test_base"]
+__all__ = ["BUILTIN_MODELS", "builtin_model_dir", "small_test_base"]
