@@ -102,7 +102,7 @@ class HFPerAdapter:
         if method in ESFT:
             self.esft_model.load_state_dict(self.merged[adapter])
             return self.esft_model
-        from moeserve.training.lora_experts_method import get_method
+        from moeserve.training.method_registry import get_method
 
         return get_method(method).apply(self.model, self.configs[adapter], self.pool[adapter]).eval()
 

@@ -176,7 +176,7 @@ def _targets(method: str, model_type: str) -> list[str] | None:
 def make_adapter(base_dir: Path, out_dir: Path, method: str, seed: int, token_ids: list[list[int]]) -> Path:
     """A trained-looking adapter: prepared by the method's training code, its trainable tensors perturbed, saved."""
     from moeserve.training.adapter_method import MethodOptions
-    from moeserve.training.lora_experts_method import get_method
+    from moeserve.training.method_registry import get_method
 
     if (out_dir / "adapter_config.json").exists():
         return out_dir

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from moeserve import LLM
 from moeserve.adapters import AdapterConfig
 from moeserve.training.adapter_method import MethodOptions
-from moeserve.training.lora_experts_method import get_method
+from moeserve.training.method_registry import get_method
 
 MOE_ARCHS = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3"]
 DELTA_METHODS = ["lora", "molora", "mov", "loramoe", "mola"]

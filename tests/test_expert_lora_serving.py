@@ -24,7 +24,7 @@ from moeserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from moeserve.server.app import ServerConfig
 from moeserve.server.launch import BackgroundServer, build_server
 from moeserve.training.adapter_method import MethodOptions
-from moeserve.training.lora_experts_method import get_method
+from moeserve.training.method_registry import get_method
 
 PROMPTS = ["The list type is", "Return the sum of the items"]
 TOKENS = 8

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from moeserve.adapters import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, AdapterConfig, base_fingerprint
 from moeserve.training.adapter_method import MethodOptions
-from moeserve.training.lora_experts_method import get_method
+from moeserve.training.method_registry import get_method
 
 
 @pytest.fixture(autouse=True, scope="module")

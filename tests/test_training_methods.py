@@ -18,7 +18,8 @@ from moeserve.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, AdapterM
 from moeserve.training.adapter_method import MethodOptions
 from moeserve.training.cli import add_train_commands, inspect_adapter
 from moeserve.training.data import IGNORE_INDEX, DataConfig, build_training_data
-from moeserve.training.lora_experts_method import experts_config, get_method
+from moeserve.training.lora_experts_method import experts_config
+from moeserve.training.method_registry import get_method
 from moeserve.training.trainer import AdapterTrainer, TrainArgs, _training_arguments, train
 
 METHODS = ["molora", "mov", "loramoe", "mola", "lora"]

@@ -61,7 +61,7 @@ def _names(text: str) -> list[str]:
 def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
     """Registers `train` and `adapters inspect` on a parser's subcommands."""
     from moeserve.training.lora_experts import ALLOCATIONS, LBC_VARIANTS
-    from moeserve.training.lora_experts_method import method_names
+    from moeserve.training.method_registry import method_names
 
     train = subparsers.add_parser(
         "train", help="train an adapter (ESFT, MoLoRA, MoV, LoRAMoE, MoLA, LoRA) on a transformers model",

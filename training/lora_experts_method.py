@@ -1,4 +1,4 @@
-"""The adapter methods by name, and the four LoRA-expert methods as configurations of one module.
+"""The four LoRA-expert methods as configurations of one module, and the `AdapterMethod` that trains them.
 
 MoLoRA, MoV, LoRAMoE and MoLA differ only in their `ExpertsConfig` (lora_experts.py): expert kind, default targets,
 expert count, rank/alpha, routing and auxiliary loss. Defaults follow methods.md and the reference code:
@@ -9,16 +9,13 @@ expert count, rank/alpha, routing and auxiliary loss. Defaults follow methods.md
 | mov     | IA3 vectors    | k, v, down (its input)     | 10                | -       | soft            | -            |
 | loramoe | LoRA, 2 groups | gate, up, down             | 8 (6 + 2 world)   | 4/32    | soft (or top-k) | LBC 0.1      |
 | mola    | LoRA           | q, k, v, o, gate, up, down | inverted-triangle | 8/16    | top-2, renorm   | Switch 0.001 |
-| lora    | PEFT LoRA      | q, k, v, o                 | -                 | 8/16    | -               | -            |
 
-ESFT (`esft-gate`, `esft-token`) lives in training/esft/esft_method.py and is imported only when asked for.
+Plain LoRA (PEFT, q, k, v, o, r/alpha 8/16) is training/lora.py; all methods by name: training/method_registry.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from moeserve.adapters import ESFT_METHODS, WEIGHTS_NAME, AdapterConfig, AdapterError, base_fingerprint
-from moeserve.training.adapter_method import AdapterMethod, MethodOptions
-from moeserve.training.lora import LoRAMethod
+from moeserve.adapters import WEIGHTS_NAME, AdapterConfig, AdapterError, base_fingerprint
+from moeserve.training.adapter_method import MethodOptions
 from moeserve.training.lora_experts import (
     ExpertsConfig,
     adapter_state_dict,
@@ -42,11 +38,6 @@ logger = logging.getLogger(__name__)
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FFN = ["gate_proj", "up_proj", "down_proj"]
-
-# Learning rates of the papers / reference code, used when the command line gives none.
-DEFAULT_LEARNING_RATES: dict[str, float] = {
-    "esft-gate": 1e-5, "esft-token": 1e-5, "molora": 3e-4, "mov": 3e-4, "loramoe": 2e-4, "mola": 3e-4, "lora": 1e-4,
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -209,42 +200,3 @@ class LoRAExpertsMethod:
         except ValueError as exc:
             raise AdapterError(f"{adapter_dir}: {exc}") from exc
         return model
-
-
-_FACTORIES: dict[str, Callable[[], AdapterMethod]] = {
-    "lora": LoRAMethod,
-    **{name: (lambda name=name: LoRAExpertsMethod(name)) for name in EXPERT_METHODS},
-}
-
-
-def register_method(name: str, factory: Callable[[], AdapterMethod]) -> None:
-    """Adds a method by name (ESFT's module registers its two methods this way when imported)."""
-    _FACTORIES[name] = factory
-
-
-def method_names() -> list[str]:
-    return [*ESFT_METHODS, *EXPERT_METHODS, "lora"]
-
-
-def get_method(name: str) -> AdapterMethod:
-    """A fresh AdapterMethod for `name`; one instance prepares, trains and saves one adapter."""
-    if name in ESFT_METHODS and name not in _FACTORIES:
-        return _esft_method(name)
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown adapter method {name!r}; known: {', '.join(method_names())}")
-    return _FACTORIES[name]()
-
-
-def _esft_method(name: str) -> AdapterMethod:
-    module_name = "moeserve.training.esft.esft_method"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name not in (module_name, "moeserve.training.esft"):
-            raise
-        raise ValueError(f"method {name!r} needs {module_name}, which this installation does not have") from exc
-    if name in _FACTORIES:  # the module registered itself on import
-        return _FACTORIES[name]()
-    if not hasattr(module, "ESFTMethod"):
-        raise ValueError(f"{module_name} neither registers {name!r} nor defines ESFTMethod")
-    return module.ESFTMethod(name)

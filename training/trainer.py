@@ -45,7 +45,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from moeserve.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
 from moeserve.training.adapter_method import AdapterMethod, MethodOptions
 from moeserve.training.data import DataConfig, build_training_data
-from moeserve.training.lora_experts_method import DEFAULT_LEARNING_RATES, get_method
+from moeserve.training.method_registry import DEFAULT_LEARNING_RATES, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class TrainArgs:
     general_data: Path | None = None
     mix_ratio: float = 1.0  # general samples per task sample
     max_seq_len: int = 1024
-    learning_rate: float | None = None  # None: the method's paper value (methods.DEFAULT_LEARNING_RATES)
+    learning_rate: float | None = None  # None: the method's paper value (method_registry.DEFAULT_LEARNING_RATES)
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 8  # packed blocks per device per step
