@@ -179,9 +179,7 @@ class OfflineEngine:
     def __init__(self, model_dir: Path, adapters: dict[str, Path], engine_args: dict[str, int | str]) -> None:
         from moeserve.engine.llm_engine import LLMEngine
 
-        self.engine = LLMEngine(engine_config(model_dir, engine_args))
-        for name, path in adapters.items():
-            self.engine.adapters.register(name, path)
+        self.engine = LLMEngine(engine_config(model_dir, engine_args), adapters)
         self.runs = 0
         self.last_tokens: list[list[int]] = []  # the last run's output token ids per request (--check-outputs)
 

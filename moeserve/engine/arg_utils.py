@@ -1,68 +1,61 @@
-"""Command-line flags for the engine, shared by `moeserve generate` and `moeserve serve`."""
+"""Command-line flags for the engine, shared by `moeserve generate` and `moeserve serve`.
+
+Each flag's dest is an engine option (moeserve.engine.config.ENGINE_OPTIONS) and its default is that option's field
+default, so the flags, `LLM`'s keywords and the config dataclasses cannot disagree.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from moeserve.adapters.manager import AdapterLimits
-from moeserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from moeserve.engine.config import DTYPES, ENGINE_OPTIONS, EngineConfig, build_engine_config, option_default
+
+
+def _flag(group: argparse._ArgumentGroup, flag: str, option: str, **kwargs) -> None:
+    group.add_argument(flag, dest=option, default=option_default(option), **kwargs)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    group.add_argument("--seed", type=int, default=0, help="engine seed (requests without their own seed)")
-    group.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a CPU shared with other work)"
-    )
-    group.add_argument(
-        "--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly instead of from CUDA graphs"
-    )
-    group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    group.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: from memory)")
-    group.add_argument("--kv-cache-memory-fraction", type=float, default=0.8, help="of free GPU memory")
-    group.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    group.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
-    group.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    adapters = parser.add_argument_group("adapters")
-    adapters.add_argument("--max-adapters", type=int, default=4, help="adapters resident on the device at once")
-    adapters.add_argument("--max-cpu-adapters", type=int, default=16, help="adapters kept in host memory")
-    adapters.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted")
-    adapters.add_argument("--max-lora-experts", type=int, default=16, help="most LoRA experts per adapted module")
-    adapters.add_argument(
-        "--esft-rows-per-layer",
+    _flag(group, "--dtype", "dtype", choices=list(DTYPES))
+    _flag(group, "--device", "device", help="cpu, cuda, cuda:1, ...")
+    _flag(group, "--seed", "seed", type=int, help="engine seed (requests without their own seed)")
+    _flag(
+        group,
+        "--threads",
+        "num_threads",
         type=int,
-        default=None,
+        metavar="THREADS",
+        help="torch CPU threads (1 is fastest on a CPU shared with other work)",
+    )
+    _flag(
+        group,
+        "--enforce-eager",
+        "enforce_eager",
+        action="store_true",
+        help="CUDA: run decode steps eagerly instead of from CUDA graphs",
+    )
+    _flag(group, "--block-size", "block_size", type=int, help="tokens per KV-cache block")
+    _flag(group, "--num-kv-blocks", "num_kv_blocks", type=int, help="KV-cache blocks (default: from memory)")
+    _flag(group, "--kv-cache-memory-fraction", "kv_cache_memory_fraction", type=float, help="of free GPU memory")
+    _flag(group, "--no-prefix-caching", "enable_prefix_caching", action="store_false", help="disable prefix caching")
+    _flag(group, "--max-num-seqs", "max_num_seqs", type=int, help="sequences running at once")
+    _flag(group, "--max-num-batched-tokens", "max_num_batched_tokens", type=int, help="token budget of one step")
+    _flag(group, "--max-model-len", "max_model_len", type=int, help="context length (default: the model's)")
+    adapters = parser.add_argument_group("adapters")
+    _flag(adapters, "--max-adapters", "max_adapters", type=int, help="adapters resident on the device at once")
+    _flag(adapters, "--max-cpu-adapters", "max_cpu_adapters", type=int, help="adapters kept in host memory")
+    _flag(adapters, "--max-lora-rank", "max_lora_rank", type=int, help="largest LoRA rank accepted")
+    _flag(adapters, "--max-lora-experts", "max_lora_experts", type=int, help="most LoRA experts per adapted module")
+    _flag(
+        adapters,
+        "--esft-rows-per-layer",
+        "esft_rows_per_layer",
+        type=int,
         help="ESFT overlay expert rows per MoE layer (default: max-adapters * experts / 4)",
     )
 
 
 def engine_config_from_args(model: str, args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=model,
-        dtype=args.dtype,
-        device=args.device,
-        seed=args.seed,
-        num_threads=args.threads,
-        enforce_eager=args.enforce_eager,
-        cache=CacheConfig(
-            block_size=args.block_size,
-            num_blocks=args.num_kv_blocks,
-            kv_cache_memory_fraction=args.kv_cache_memory_fraction,
-            enable_prefix_caching=not args.no_prefix_caching,
-        ),
-        scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len,
-        ),
-        adapters=AdapterLimits(
-            max_slots=args.max_adapters,
-            max_cpu_adapters=args.max_cpu_adapters,
-            max_lora_rank=args.max_lora_rank,
-            max_lora_experts=args.max_lora_experts,
-            esft_rows_per_layer=args.esft_rows_per_layer,
-        ),
-    )
+    """The EngineConfig of the engine flags in `args` (those add_engine_args added)."""
+    return build_engine_config(model, **{name: getattr(args, name) for name in ENGINE_OPTIONS if hasattr(args, name)})

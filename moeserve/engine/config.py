@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
 
 import torch
 
 from moeserve.adapters.manager import AdapterLimits
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -58,12 +59,52 @@ class EngineConfig:
     adapters: AdapterLimits | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.cache = self.cache or CacheConfig()
         self.scheduler = self.scheduler or SchedulerConfig()
         self.adapters = self.adapters or AdapterLimits()
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
+
+
+# The flat engine options `LLM` takes as keywords and `moeserve generate/serve` as flags (--block-size for block_size):
+# every field of EngineConfig and of its three sections, under the field's own name but for these two.
+_SECTIONS: dict[str, type] = {"cache": CacheConfig, "scheduler": SchedulerConfig, "adapters": AdapterLimits}
+_OPTION_NAMES: dict[str, str] = {"num_blocks": "num_kv_blocks", "max_slots": "max_adapters"}  # field -> option
+
+
+def _engine_options() -> dict[str, tuple[str | None, str, Any]]:
+    """option -> (section, or None for EngineConfig itself; field; the field's default)."""
+    options: dict[str, tuple[str | None, str, Any]] = {}
+    for section, cls in [(None, EngineConfig), *_SECTIONS.items()]:
+        for f in fields(cls):
+            if f.name == "model" or f.name in _SECTIONS:
+                continue
+            if f.default is MISSING:
+                raise TypeError(f"engine option {f.name} needs a plain default")
+            options[_OPTION_NAMES.get(f.name, f.name)] = (section, f.name, f.default)
+    return options
+
+
+ENGINE_OPTIONS = _engine_options()
+
+
+def option_default(name: str) -> Any:
+    """The default of engine option `name`: its dataclass field's, the one home of every engine default."""
+    return ENGINE_OPTIONS[name][2]
+
+
+def build_engine_config(model: str, **options: Any) -> EngineConfig:
+    """An EngineConfig from flat options (see ENGINE_OPTIONS); an option left out keeps its field's default."""
+    unknown = set(options) - set(ENGINE_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown engine options {sorted(unknown)}; known: {', '.join(ENGINE_OPTIONS)}")
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for option, value in options.items():
+        section, field_name, _ = ENGINE_OPTIONS[option]
+        (top if section is None else sections[section])[field_name] = value
+    return EngineConfig(model=str(model), **top, **{name: _SECTIONS[name](**kw) for name, kw in sections.items()})

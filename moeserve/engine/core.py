@@ -8,11 +8,13 @@ under the offline LLM API and in its own process behind the HTTP server (moeserv
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
+from moeserve.adapters.config import AdapterError
 from moeserve.adapters.manager import AdapterManager
 from moeserve.engine.config import EngineConfig
 from moeserve.engine.core_messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats, StepFailedError
@@ -91,6 +93,22 @@ class EngineCore:
             cache.block_size,
             self.max_model_len,
         )
+
+    def register_adapters(self, adapters: Iterable[tuple[str, str, str | None]]) -> dict[str, str]:
+        """Registers the adapters the core starts with, (name, path, digest) each; returns name -> why, per one dropped.
+
+        Without a digest (the adapters named at start) a bad adapter raises; with one (a restart re-registering what
+        was served) an adapter whose files changed since is dropped, not served under that name.
+        """
+        dropped: dict[str, str] = {}
+        for name, path, digest in adapters:
+            try:
+                self.adapters.register(name, path, expected_digest=digest)
+            except AdapterError as exc:
+                if digest is None:
+                    raise
+                dropped[name] = str(exc)
+        return dropped
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Queues the request; UnknownAdapterError if its adapter is not registered."""

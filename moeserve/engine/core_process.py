@@ -22,7 +22,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
-from moeserve.adapters.config import AdapterError
 from moeserve.engine.config import EngineConfig
 from moeserve.engine.core import EngineCore
 from moeserve.engine.core_messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
@@ -139,22 +138,14 @@ class _CoreServer:
 def run_engine_core(config: EngineConfig, adapters: list[tuple[str, str, str | None]], conn: Connection) -> None:
     """Entry point of the core process: build the core, register the adapters, serve the pipe until shutdown.
 
-    adapters: (name, path, digest). Without a digest (the adapters named at start) a bad adapter fails the start;
-    with one (a restart re-registering what was served) an adapter whose files changed is dropped, not served.
+    adapters: (name, path, digest), as EngineCore.register_adapters takes them (a bad one named at start fails it).
     """
     # Ctrl-C reaches the whole process group; the front end decides when the core stops (it sends "shutdown").
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    dropped: dict[str, str] = {}
     try:
         core = EngineCore(config)
-        for name, path, digest in adapters:
-            try:
-                core.adapters.register(name, path, expected_digest=digest)
-            except AdapterError as exc:
-                if digest is None:
-                    raise
-                dropped[name] = str(exc)
+        dropped = core.register_adapters(adapters)
     except Exception as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return

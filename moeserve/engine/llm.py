@@ -4,56 +4,23 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from moeserve.adapters.manager import AdapterLimits, UnknownAdapterError
-from moeserve.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from moeserve.adapters.manager import UnknownAdapterError
+from moeserve.engine.config import EngineConfig, build_engine_config
 from moeserve.engine.llm_engine import LLMEngine
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str,
-        dtype: str = "float32",
-        device: str = "cpu",
-        seed: int = 0,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        max_model_len: int | None = None,
-        max_adapters: int = 4,
-        max_cpu_adapters: int = 16,
-        max_lora_rank: int = 64,
-        max_lora_experts: int = 16,
-        esft_rows_per_layer: int | None = None,
-        adapters: dict[str, str] | None = None,
-    ) -> None:
-        config = EngineConfig(
-            model=str(model),
-            dtype=dtype,
-            device=device,
-            seed=seed,
-            cache=CacheConfig(
-                block_size=block_size, num_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching
-            ),
-            scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len
-            ),
-            adapters=AdapterLimits(
-                max_slots=max_adapters,
-                max_cpu_adapters=max_cpu_adapters,
-                max_lora_rank=max_lora_rank,
-                max_lora_experts=max_lora_experts,
-                esft_rows_per_layer=esft_rows_per_layer,
-            ),
-        )
-        self._start(config, adapters)
+    def __init__(self, model: str, *, adapters: dict[str, str] | None = None, **options: Any) -> None:
+        """The engine for `model` with `adapters` (name -> directory) registered; `options` are the engine options
+        (moeserve.engine.config.ENGINE_OPTIONS: block_size=..., num_kv_blocks=..., max_adapters=..., ...), each
+        defaulting to its config field's default."""
+        self._start(build_engine_config(model, **options), adapters)
 
     @classmethod
     def from_engine_config(cls, config: EngineConfig, adapters: dict[str, str] | None = None) -> LLM:
@@ -62,9 +29,7 @@ class LLM:
         return llm
 
     def _start(self, config: EngineConfig, adapters: dict[str, str] | None) -> None:
-        self.engine = LLMEngine(config)
-        for name, path in (adapters or {}).items():
-            self.engine.adapters.register(name, path)
+        self.engine = LLMEngine(config, adapters)
         self._ids = itertools.count()
 
     @property
@@ -94,14 +59,13 @@ class LLM:
         for name in set(adapters) - {None}:
             if not self.engine.adapters.is_registered(name):  # refuse before any prompt is queued
                 raise UnknownAdapterError(f"no adapter named {name!r} is loaded")
-        groups: list[list[str]] = []
+        groups: list[tuple[str, list[str]]] = []  # per prompt: its request id, its choices' engine request ids
         for prompt, p, name in zip(prompts, per_prompt, adapters):
-            base = f"gen-{next(self._ids)}"
-            ids = [f"{base}-{i}" for i in range(p.n)]
-            for i, request_id in enumerate(ids):
-                seed = None if p.seed is None else p.seed + i
-                self.engine.add_request(request_id, prompt, replace(p, seed=seed), adapter=name, index=i)
-            groups.append(ids)
+            request_id = f"gen-{next(self._ids)}"
+            choices = p.choices(request_id)
+            for i, (choice_id, choice_params) in enumerate(choices):
+                self.engine.add_request(choice_id, prompt, choice_params, adapter=name, index=i)
+            groups.append((request_id, [choice_id for choice_id, _ in choices]))
         finished: dict[str, RequestOutput] = {}
         total = sum(len(g) for g in groups)
         with tqdm(total=total, desc="generate", disable=not use_tqdm) as bar:
@@ -111,8 +75,7 @@ class LLM:
                         finished[out.request_id] = out
                         bar.update(1)
         results = []
-        for ids in groups:
-            first = finished[ids[0]]
+        for request_id, ids in groups:
             outputs = [finished[i].outputs[0] for i in ids]
-            results.append(replace(first, request_id=ids[0].rsplit("-", 1)[0], outputs=outputs))
+            results.append(replace(finished[ids[0]], request_id=request_id, outputs=outputs))
         return results

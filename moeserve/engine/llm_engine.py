@@ -10,6 +10,8 @@ LLM API, `moeserve generate` and tests.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from pathlib import Path
 
 from moeserve.engine.config import EngineConfig
 from moeserve.engine.core import EngineCore
@@ -20,9 +22,11 @@ from moeserve.engine.sampling_params import SamplingParams
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, adapters: Mapping[str, str | Path] | None = None) -> None:
+        """The engine, with `adapters` (name -> directory) registered; a bad adapter fails the start."""
         self.config = config
         self.core = EngineCore(config)
+        self.core.register_adapters((name, str(path), None) for name, path in (adapters or {}).items())
         self.tokenizer = self.core.tokenizer
         self.inputs = InputProcessor(self.tokenizer, self.core.model.spec.vocab_size, self.core.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer)

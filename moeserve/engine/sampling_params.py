@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Temperatures below this sample greedily, as in vLLM: dividing float32 logits by them overflows to inf and NaN.
 GREEDY_TEMPERATURE = 1e-5
@@ -93,3 +93,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    def choices(self, request_id: str) -> list[tuple[str, SamplingParams]]:
+        """The `n` engine requests this request stands for: choice i is `{request_id}-{i}`, seeded with seed + i (the
+        choices differ, and a seeded request still repeats exactly)."""
+        seeds = [None if self.seed is None else self.seed + i for i in range(self.n)]
+        return [(f"{request_id}-{i}", replace(self, seed=seed)) for i, seed in enumerate(seeds)]

@@ -132,9 +132,11 @@ class OpenAIServing:
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of all n choices of one prompt, interleaved as they come (choice i has index i)."""
         gen = self.engine.generate
-        if params.n == 1:  # one engine request: its outputs as they are, with no task and queue in between
+        choices = params.choices(request_id)
+        if len(choices) == 1:  # one engine request: its outputs as they are, with no task and queue in between
+            ((choice_id, choice_params),) = choices
             try:
-                async for out in gen(f"{request_id}-0", prompt, params, adapter, index=0, prompt_text=prompt_text):
+                async for out in gen(choice_id, prompt, choice_params, adapter, index=0, prompt_text=prompt_text):
                     yield out
             except Exception as exc:
                 mapped = _api_error(exc)
@@ -144,12 +146,9 @@ class OpenAIServing:
             return
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(i: int) -> None:
-            seed = None if params.seed is None else params.seed + i
+        async def pump(i: int, choice_id: str, choice_params: SamplingParams) -> None:
             try:
-                async for out in gen(
-                    f"{request_id}-{i}", prompt, replace(params, seed=seed), adapter, index=i, prompt_text=prompt_text
-                ):
+                async for out in gen(choice_id, prompt, choice_params, adapter, index=i, prompt_text=prompt_text):
                     await queue.put(out)
             except BaseException as exc:
                 await queue.put(exc)
@@ -157,7 +156,7 @@ class OpenAIServing:
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(params.n)]
+        tasks = [asyncio.create_task(pump(i, *choice)) for i, choice in enumerate(choices)]
         done = 0
         try:
             while done < len(tasks):
