@@ -76,16 +76,6 @@ class LoadedAdapter:
     expert_lora: dict[int, ExpertLoRAWeights] = field(default_factory=dict)  # MoE layer -> LoRA on its experts
     router_lora: dict[int, ModuleWeights] = field(default_factory=dict)  # MoE layer -> LoRA on its router weight
 
-    @property
-    def nbytes(self) -> int:
-        tensors = [t for layer in self.experts.values() for pair in layer.values() for t in pair]
-        for m in self.modules.values():
-            tensors += [t for t in (m.lora_a, m.lora_b, m.ia3, m.router) if t is not None]
-        for w in self.expert_lora.values():
-            tensors += w.tensors()
-        tensors += [t for m in self.router_lora.values() for t in (m.lora_a, m.lora_b)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
 
 class AdapterChangedError(AdapterError):
     """An adapter's files differ from what was validated when it was registered (overwritten, or deleted)."""

@@ -71,4 +71,3 @@ class EngineCoreOutputs:
 
     outputs: list[EngineCoreOutput] = field(default_factory=list)
     stats: SchedulerStats | None = None
-    step_started: float = 0.0  # time.monotonic() when the step began

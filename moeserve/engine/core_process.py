@@ -126,13 +126,12 @@ class _CoreServer:
             if self.registering:
                 changed |= self._finish_registering()
             if core.has_unfinished_requests():
-                started = time.monotonic()
                 outputs = core.step()
-                conn.send(("outputs", EngineCoreOutputs(outputs, core.stats(), started)))
+                conn.send(("outputs", EngineCoreOutputs(outputs, core.stats())))
                 if not outputs and core.adapters.reading:
                     conn.poll(0.002)  # nothing ran: the waiting requests' adapter is still being read
             elif changed:  # the messages changed the state without a step (aborts, adapters): publish the snapshot
-                conn.send(("outputs", EngineCoreOutputs([], core.stats(), time.monotonic())))
+                conn.send(("outputs", EngineCoreOutputs([], core.stats())))
 
 
 def run_engine_core(config: EngineConfig, adapters: list[tuple[str, str, str | None]], conn: Connection) -> None:
