@@ -29,3 +29,10 @@ def test_native_kernel_sources_are_package_data():
     assert set(SOURCES) <= {Path(n).name for n in needed}
     for name in needed:
         assert any(fnmatch.fnmatch(name, g) for g in globs), f"kernels/{name} is not package data"
+
+
+def test_images_copy_every_package_folder():
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    for dockerfile in sorted((ROOT / "deploy" / "docker").glob("Dockerfile.*")):
+        copied = {line.split()[1] for line in dockerfile.read_text().splitlines() if line.startswith("COPY ")}
+        assert folders - copied == set(), f"{dockerfile.name} does not copy {sorted(folders - copied)}"
