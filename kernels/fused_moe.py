@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moeserve.kernels.backend import kernel_mode, use_triton
-from moeserve.kernels.native import native_library, native_ready
+from moeserve.kernels.backend import use_triton
+from moeserve.kernels.native import call_native, native_ready
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -171,23 +171,17 @@ def fused_moe_native(
     (native_fits says when it applies). Each token's result is independent of the rest of the batch."""
     if activation != "silu":
         raise ValueError(f"the native fused MoE kernel runs SiLU experts only, not {activation!r}")
-    lib = native_library()
-    if lib is None:
-        raise RuntimeError("the native CPU kernels are not built here (see moeserve.kernels.native)")
     x = hidden.contiguous()
     num_tokens, size = x.shape
     rows, inter = w2.shape[0], w2.shape[-1]
     ids = topk_ids.to(torch.int64).contiguous()  # [T, K]
     weights = topk_weights.to(torch.float32).contiguous()  # [T, K]
     out = torch.empty_like(x)  # [T, H]
-    code = lib.moeserve_fused_moe_f32(
-        x.data_ptr(), num_tokens, size, w13.data_ptr(), w2.data_ptr(), rows, inter,
+    call_native(
+        "moeserve_fused_moe_f32", x.data_ptr(), num_tokens, size, w13.data_ptr(), w2.data_ptr(), rows, inter,
         weights.data_ptr(), ids.data_ptr(), ids.shape[1], out.data_ptr(),
+        bad_input=f"an expert id is outside the {rows} rows of the expert tables",
     )  # fmt: skip
-    if code == -1:
-        raise IndexError(f"an expert id is outside the {rows} rows of the expert tables")
-    if code != 0:
-        raise MemoryError("the native fused MoE kernel could not allocate its workspace")
     return out
 
 
@@ -214,6 +208,6 @@ def fused_moe(
         from moeserve.kernels.fused_moe_triton import fused_moe_triton
 
         return fused_moe_triton(hidden, w13, w2, topk_weights, topk_ids, activation)
-    if native_fits(hidden, w13, w2, topk_ids.shape[1], activation) and kernel_mode() != "torch":
+    if native_fits(hidden, w13, w2, topk_ids.shape[1], activation):
         return fused_moe_native(hidden, w13, w2, topk_weights, topk_ids, activation)
     return fused_moe_torch(hidden, w13, w2, topk_weights, topk_ids, activation)

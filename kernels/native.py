@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from moeserve.kernels.backend import kernel_mode
+
 logger = logging.getLogger(__name__)
 
 SOURCES = ("fused_moe_cpu.c", "paged_attention_cpu.c", "slot_lora_cpu.c", "slot_ia3_cpu.c")
@@ -121,5 +123,24 @@ def native_library() -> ctypes.CDLL | None:
 
 
 def native_ready(tensor: torch.Tensor) -> bool:
-    """Whether a native kernel can take this (representative input) tensor: float32 on CPU, the library built."""
-    return tensor.dtype == torch.float32 and tensor.device.type == "cpu" and native_library() is not None
+    """Whether a native kernel may take this (representative input) tensor: float32 on CPU, the library built, and
+    MOESERVE_KERNELS not asking for the twins."""
+    return (
+        tensor.dtype == torch.float32
+        and tensor.device.type == "cpu"
+        and native_library() is not None
+        and kernel_mode() != "torch"
+    )
+
+
+def call_native(name: str, *args, bad_input: str) -> None:
+    """Runs the exported function `name` (SIGNATURES) on these arguments: IndexError(bad_input) when it refuses its
+    input (-1), MemoryError when its workspace cannot be allocated (-2)."""
+    lib = native_library()
+    if lib is None:
+        raise RuntimeError("the native CPU kernels are not built here (see moeserve.kernels.native)")
+    code = getattr(lib, name)(*args)
+    if code == -1:
+        raise IndexError(bad_input)
+    if code != 0:
+        raise MemoryError(f"{name} could not allocate its workspace")

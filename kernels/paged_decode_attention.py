@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeserve.kernels.backend import kernel_mode, use_triton
-from moeserve.kernels.native import native_library, native_ready
+from moeserve.kernels.backend import use_triton
+from moeserve.kernels.native import call_native, native_ready
 
 
 def paged_decode_attention_torch(
@@ -89,9 +89,6 @@ def paged_decode_attention_native(
     """The native CPU kernel (kernels/csrc/paged_attention_cpu.c), same signature and semantics: reads keys and values
     in place through the block tables, float32 only (native_attention_fits says when it applies). max_context_len
     is not needed (the kernel reads each sequence's own length)."""
-    lib = native_library()
-    if lib is None:
-        raise RuntimeError("the native CPU kernels are not built here (see moeserve.kernels.native)")
     num_seqs, q_heads, head_dim = q.shape
     kv_heads, v_dim = k_cache.shape[2], v_cache.shape[-1]
     if q_heads % kv_heads:
@@ -102,15 +99,13 @@ def paged_decode_attention_native(
         tables = tables.contiguous()
     lens = context_lens.to(torch.int32).contiguous()  # [B]
     out = q.new_empty(num_seqs, q_heads, v_dim)  # [B, Hq, Dv]
-    code = lib.moeserve_paged_decode_attention_f32(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
-        num_seqs, q_heads, kv_heads, head_dim, v_dim, k_cache.shape[0], k_cache.shape[1], tables.shape[1],
-        tables.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], scale, sliding_window or 0, out.data_ptr(),
+    call_native(
+        "moeserve_paged_decode_attention_f32", q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        tables.data_ptr(), lens.data_ptr(), num_seqs, q_heads, kv_heads, head_dim, v_dim, k_cache.shape[0],
+        k_cache.shape[1], tables.shape[1], tables.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], scale,
+        sliding_window or 0, out.data_ptr(),
+        bad_input="a context length or block id is outside the block tables or the cache",
     )  # fmt: skip
-    if code == -1:
-        raise IndexError("a context length or block id is outside the block tables or the cache")
-    if code != 0:
-        raise MemoryError("the native paged attention kernel could not allocate its workspace")
     return out
 
 
@@ -138,6 +133,6 @@ def paged_decode_attention(
         from moeserve.kernels.paged_decode_attention_triton import paged_decode_attention_triton
 
         return paged_decode_attention_triton(*args)
-    if native_attention_fits(q, k_cache, v_cache) and kernel_mode() != "torch":
+    if native_attention_fits(q, k_cache, v_cache):
         return paged_decode_attention_native(*args)
     return paged_decode_attention_torch(*args)

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from moeserve.kernels.backend import kernel_mode
-from moeserve.kernels.native import native_library, native_ready
+from moeserve.kernels.native import call_native, native_ready
 
 
 @dataclass(frozen=True)
@@ -135,30 +134,23 @@ def native_lora_fits(x: torch.Tensor, tables: SlotTables, out: torch.Tensor) -> 
         and out.dtype == torch.float32
         and tables.w_in.dtype == torch.float32
         and tables.lora_b.dtype == torch.float32
-        and kernel_mode() != "torch"
     )
 
 
 def slot_lora_native(x: torch.Tensor, tables: SlotTables, token_rows: torch.Tensor, out: torch.Tensor) -> None:
     """Adds every token's LoRA-expert delta to out [T, out_features] in place, like slot_batched_lora, with the native
     kernel: token_rows [T] int32 is each token's adapter row in the tables (-1: none). float32 only."""
-    lib = native_library()
-    if lib is None:
-        raise RuntimeError("the native CPU kernels are not built here (see moeserve.kernels.native)")
     if not out.is_contiguous():
         raise ValueError("slot_lora_native adds into a contiguous output only")
     x = x.contiguous()
     num_rows = tables.w_in.shape[0]
-    code = lib.moeserve_slot_lora_f32(
-        x.data_ptr(), x.shape[0], x.shape[1], token_rows.data_ptr(), tables.w_in.data_ptr(), num_rows,
-        tables.num_experts, tables.rank, int(tables.routed), tables.lora_b.data_ptr(), out.shape[1],
-        tables.own_experts.data_ptr(), tables.top_k.data_ptr(), tables.renorm.data_ptr(), tables.ranks.data_ptr(),
-        out.data_ptr(),
+    call_native(
+        "moeserve_slot_lora_f32", x.data_ptr(), x.shape[0], x.shape[1], token_rows.data_ptr(),
+        tables.w_in.data_ptr(), num_rows, tables.num_experts, tables.rank, int(tables.routed),
+        tables.lora_b.data_ptr(), out.shape[1], tables.own_experts.data_ptr(), tables.top_k.data_ptr(),
+        tables.renorm.data_ptr(), tables.ranks.data_ptr(), out.data_ptr(),
+        bad_input=f"an adapter row or routing outside the {num_rows} adapters of the LoRA tables",
     )  # fmt: skip
-    if code == -1:
-        raise IndexError(f"an adapter row or routing outside the {num_rows} adapters of the LoRA tables")
-    if code != 0:
-        raise MemoryError("the native LoRA kernel could not allocate its workspace")
 
 
 def token_rows(num_tokens: int, groups: list[torch.Tensor]) -> torch.Tensor:

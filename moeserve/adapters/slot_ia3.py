@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from moeserve.kernels.backend import kernel_mode
-from moeserve.kernels.native import native_library, native_ready
+from moeserve.kernels.native import call_native, native_ready
 
 
 class Ia3Routing:
@@ -31,7 +30,7 @@ class Ia3Routing:
 
 def native_ia3_fits(act: torch.Tensor, vectors: torch.Tensor) -> bool:
     """Whether slot_ia3_native takes these activations: float32 and contiguous on CPU, float32 tables, the library."""
-    return native_ready(act) and vectors.dtype == torch.float32 and act.is_contiguous() and kernel_mode() != "torch"
+    return native_ready(act) and vectors.dtype == torch.float32 and act.is_contiguous()
 
 
 def slot_ia3_native(
@@ -43,18 +42,12 @@ def slot_ia3_native(
 ) -> None:
     """Rescales act [T, dim] in place, each token by its slot's IA3 experts (token_slots [T] int32, -1: leave it).
     vectors and router [S+1, E, dim] contiguous float32 (router None: no slot routes)."""
-    lib = native_library()
-    if lib is None:
-        raise RuntimeError("the native CPU kernels are not built here (see moeserve.kernels.native)")
     if router is not None and router.shape != vectors.shape:
         raise ValueError(f"IA3 router {tuple(router.shape)} and vectors {tuple(vectors.shape)} tables differ")
     meta = routing.table
-    code = lib.moeserve_slot_ia3_f32(
-        act.data_ptr(), act.shape[0], act.shape[1], token_slots.data_ptr(),
+    call_native(
+        "moeserve_slot_ia3_f32", act.data_ptr(), act.shape[0], act.shape[1], token_slots.data_ptr(),
         None if router is None else router.data_ptr(), vectors.data_ptr(), vectors.shape[0], vectors.shape[1],
         meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), meta[3].data_ptr(),
+        bad_input="a token's adapter slot has no IA3 experts in these tables (or a routing outside them)",
     )  # fmt: skip
-    if code == -1:
-        raise IndexError("a token's adapter slot has no IA3 experts in these tables (or a routing outside them)")
-    if code != 0:
-        raise MemoryError("the native IA3 kernel could not allocate its workspace")
