@@ -212,13 +212,7 @@ class AdaptedLinear(nn.Module):
         step_cache = get_forward_context().step_cache
         key = (name, tuple(slots))
         if key not in step_cache:
-            if local:
-                step_cache[key] = token_rows(num_tokens, [groups[s] for s in slots])
-            else:
-                rows = torch.full((num_tokens,), -1, dtype=torch.int32)
-                for s in slots:
-                    rows[groups[s]] = s
-                step_cache[key] = rows
+            step_cache[key] = token_rows(num_tokens, [groups[s] for s in slots], None if local else slots)
         return step_cache[key]
 
     def _rescale_ia3(self, kind: str, ia3_slots: list[int], act: torch.Tensor, groups: dict) -> None:
@@ -245,19 +239,10 @@ class AdaptedLinear(nn.Module):
             return y
         tables = self._slot_tables([slot], "one")
         if native_lora_fits(x, tables, y):
-            slot_lora_native(x, tables, self._one_rows(x.shape[0]), y)
+            slot_lora_native(x, tables, self._token_rows("token_rows", [slot], x.shape[0], groups, local=True), y)
         else:
             slot_batched_lora(x, tables, SlotPadding.whole(), y)
         return y
-
-    @staticmethod
-    def _one_rows(num_tokens: int) -> torch.Tensor:
-        """[T] int32 zeros: every token on the one adapter row of a one-adapter step's tables (made once per step)."""
-        step_cache = get_forward_context().step_cache
-        key = ("one_rows", num_tokens)
-        if key not in step_cache:
-            step_cache[key] = torch.zeros(num_tokens, dtype=torch.int32)
-        return step_cache[key]
 
     def _ia3_scale(self, kind: str, slot: int, act: torch.Tensor) -> torch.Tensor:
         """sum_i g_i(act) l[slot, i] for the activations act [n, dim] it will rescale: [n, dim]."""

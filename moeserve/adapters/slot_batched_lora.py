@@ -153,9 +153,10 @@ def slot_lora_native(x: torch.Tensor, tables: SlotTables, token_rows: torch.Tens
     )  # fmt: skip
 
 
-def token_rows(num_tokens: int, groups: list[torch.Tensor]) -> torch.Tensor:
-    """[T] int32: the p of the p-th group for its tokens, -1 for the rest (from host-known groups, no sync)."""
+def token_rows(num_tokens: int, groups: list[torch.Tensor], values: list[int] | None = None) -> torch.Tensor:
+    """[T] int32: values[p] (default p) for the tokens of the p-th group, -1 for the rest (from host-known groups,
+    no sync)."""
     rows = torch.full((num_tokens,), -1, dtype=torch.int32, device=groups[0].device if groups else "cpu")
     for p, group in enumerate(groups):
-        rows[group] = p
+        rows[group] = p if values is None else values[p]
     return rows
