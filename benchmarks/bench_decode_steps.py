@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         steps = []
         while core.has_unfinished_requests():
             start = time.process_time()
-            batch = core.scheduler.schedule()
-            core.scheduler.update_from_output(batch, core.runner.execute(batch))
+            core.step()
             steps.append(time.process_time() - start)
         return statistics.median(steps[1:])  # the first step is the prefill
 
