@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "counting_sort.h"
 #include "vec.h"
 
 /* h[i] = silu(g[i]) * u[i] for n elements. */
@@ -37,39 +38,26 @@ int moeserve_fused_moe_f32(const float *x, int64_t num_tokens, int64_t hidden, c
     const int64_t n_assign = num_tokens * top_k;
     memset(out, 0, (size_t)(num_tokens * hidden) * sizeof(float));
     if (n_assign == 0) return 0;
-    int64_t *starts = calloc((size_t)rows + 1, sizeof(int64_t)); /* [R + 1] */
+    for (int64_t a = 0; a < n_assign; a++)
+        if (topk_ids[a] < 0 || topk_ids[a] >= rows) return -1;
+    int64_t *starts = calloc((size_t)rows + 2, sizeof(int64_t)); /* [R + 2] */
     int64_t *order = malloc((size_t)n_assign * sizeof(int64_t)); /* [T*K] assignments by expert */
+    float *xs = NULL;
+    int code = 0;
     if (!starts || !order) {
-        free(starts);
-        free(order);
-        return -2;
+        code = -2;
+        goto done;
     }
-    for (int64_t a = 0; a < n_assign; a++) {
-        int64_t e = topk_ids[a];
-        if (e < 0 || e >= rows) {
-            free(starts);
-            free(order);
-            return -1;
-        }
-        starts[e + 1]++;
-    }
+    COUNTING_SORT(topk_ids, n_assign, rows, starts, order); /* stable: ascending token per expert */
     int64_t max_count = 0;
-    for (int64_t e = 0; e < rows; e++) {
-        if (starts[e + 1] > max_count) max_count = starts[e + 1];
-        starts[e + 1] += starts[e];
-    }
-    int64_t *fill = malloc((size_t)rows * sizeof(int64_t));
+    for (int64_t e = 0; e < rows; e++)
+        if (starts[e + 1] - starts[e] > max_count) max_count = starts[e + 1] - starts[e];
     /* per expert: its tokens' inputs [n, H], gate/up [n, 2I], activations [n, I], outputs [n, H] */
-    float *xs = malloc((size_t)(max_count * (2 * hidden + 3 * inter)) * sizeof(float));
-    if (!fill || !xs) {
-        free(starts);
-        free(order);
-        free(fill);
-        free(xs);
-        return -2;
+    xs = malloc((size_t)(max_count * (2 * hidden + 3 * inter)) * sizeof(float));
+    if (!xs) {
+        code = -2;
+        goto done;
     }
-    memcpy(fill, starts, (size_t)rows * sizeof(int64_t));
-    for (int64_t a = 0; a < n_assign; a++) order[fill[topk_ids[a]]++] = a; /* stable: ascending token per expert */
     float *gu = xs + max_count * hidden, *act = gu + max_count * 2 * inter, *ys = act + max_count * inter;
     for (int64_t e = 0; e < rows; e++) {
         const int64_t first = starts[e], n = starts[e + 1] - first;
@@ -87,9 +75,9 @@ int moeserve_fused_moe_f32(const float *x, int64_t num_tokens, int64_t hidden, c
             for (int64_t c = 0; c < hidden; c++) o[c] += wt * y[c];
         }
     }
+done:
     free(starts);
     free(order);
-    free(fill);
     free(xs);
-    return 0;
+    return code;
 }

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "counting_sort.h"
 #include "routing.h"
 #include "vec.h"
 
@@ -34,8 +35,9 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
     }
     for (int64_t t = 0; t < num_tokens; t++)
         if (token_row[t] < -1 || token_row[t] >= num_rows) return -1;
-    /* the tokens counting-sorted by adapter row: starts [P + 1], order [T] */
-    int64_t *starts = calloc((size_t)num_rows + 2, sizeof(int64_t)), *order = malloc((size_t)(num_tokens + 1) * 8);
+    /* the tokens grouped by adapter row: starts [P + 2], order [T] */
+    int64_t *starts = calloc((size_t)num_rows + 2, sizeof(int64_t));
+    int64_t *order = malloc((size_t)(num_tokens + 1) * sizeof(int64_t));
     int64_t *gate_ids = malloc((size_t)(num_tokens + 1) * experts * sizeof(int64_t)); /* [T, E] */
     /* per adapter group of n tokens: inputs [n, in], router logits then A x [n, E + E*r], gates [n, E], deltas
      * [n, out] */
@@ -46,17 +48,14 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
         code = -2;
         goto done;
     }
-    for (int64_t t = 0; t < num_tokens; t++)
-        if (token_row[t] >= 0) starts[token_row[t] + 2]++;
-    for (int64_t p = 0; p < num_rows; p++) starts[p + 2] += starts[p + 1];
-    for (int64_t t = 0; t < num_tokens; t++)
-        if (token_row[t] >= 0) order[starts[token_row[t] + 1]++] = t; /* starts[p] is now row p's first */
+    COUNTING_SORT(token_row, num_tokens, num_rows, starts, order); /* tokens without LoRA (-1) left out */
     for (int64_t p = 0; p < num_rows; p++) {
         const int64_t first = starts[p], n = starts[p + 1] - first;
         if (n == 0) continue;
         float *xs = buf, *hw = xs + n * in_dim, *gate = hw + n * hs, *delta = gate + n * experts;
         float *h = hw + experts; /* token i's A x at h + i * hs, its logits at hw + i * hs */
-        for (int64_t i = 0; i < n; i++) memcpy(xs + i * in_dim, x + order[first + i] * in_dim, (size_t)in_dim * 4);
+        for (int64_t i = 0; i < n; i++)
+            memcpy(xs + i * in_dim, x + order[first + i] * in_dim, (size_t)in_dim * sizeof(float));
         const float *w = w_in + p * in_rows * in_dim, *b = lora_b + p * er * out_dim;
         const float *a_rows = routed ? w + experts * in_dim : w;
         const int64_t rp = ranks[p]; /* the adapter's own rank: its experts' rows past it are the tables' padding */
