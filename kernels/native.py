@@ -80,8 +80,10 @@ def _cache_dir() -> Path:
 def _build(compiler: str) -> Path:
     src_dir = Path(__file__).parent / "csrc"
     sources = [src_dir / name for name in SOURCES]
+    # Every file of csrc/, headers included: an edit to a shared header must not load a library built before it.
+    inputs = [f.name.encode() + b"\0" + f.read_bytes() for f in sorted(src_dir.iterdir()) if f.suffix in (".c", ".h")]
     key = hashlib.sha256()
-    for part in (*[s.read_bytes() for s in sources], compiler.encode(), " ".join(CFLAGS).encode(), _cpu_id().encode()):
+    for part in (*inputs, compiler.encode(), " ".join(CFLAGS).encode(), _cpu_id().encode()):
         key.update(part)
         key.update(b"\0")
     out = _cache_dir() / key.hexdigest()[:16] / "libmoeserve_cpu.so"

@@ -4,6 +4,7 @@ dispatchers' choice, and the fall-back to the twins when no library can be built
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,10 +202,25 @@ def test_build_is_cached(monkeypatch, tmp_path):
         native.native_library.cache_clear()
 
 
+def test_build_key_covers_the_headers(monkeypatch, tmp_path):
+    """A changed header (vec.h is shared by every kernel) gives a new build, not the library built before it."""
+    import shutil
+
+    csrc = tmp_path / "pkg" / "csrc"
+    shutil.copytree(Path(native.__file__).parent / "csrc", csrc)
+    monkeypatch.setattr(native, "__file__", str(csrc.parent / "native.py"))
+    monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path / "cache"))
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    first = native._build(compiler)
+    assert native._build(compiler) == first  # unchanged sources: the same build
+    (csrc / "vec.h").write_text((csrc / "vec.h").read_text() + "\n/* edited */\n")
+    second = native._build(compiler)
+    assert second != first and second.is_file()
+
+
 def test_every_exported_function_has_its_argument_types():
     """ctypes passes Python ints as 32-bit C ints to a function without argtypes: each export must be declared."""
     import re
-    from pathlib import Path
 
     csrc = Path(native.__file__).parent / "csrc"
     exported = {
