@@ -21,24 +21,18 @@ CMPL = {"model": "base", "prompt": "hello", "max_tokens": 2}
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 
 
+def _with(base: dict, fields: dict) -> dict:
+    """base with these fields set (or removed, where the value is _DROP)."""
+    body = {**base, **fields}
+    return {k: v for k, v in body.items() if v is not _DROP}
+
+
 def _c(**fields) -> dict:
-    body = dict(CMPL)
-    for k, v in fields.items():
-        if v is _DROP:
-            body.pop(k)
-        else:
-            body[k] = v
-    return body
+    return _with(CMPL, fields)
 
 
 def _chat(**fields) -> dict:
-    body = dict(CHAT)
-    for k, v in fields.items():
-        if v is _DROP:
-            body.pop(k)
-        else:
-            body[k] = v
-    return body
+    return _with(CHAT, fields)
 
 
 def _raw(text: str) -> bytes:
