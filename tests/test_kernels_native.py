@@ -16,10 +16,12 @@ from moeserve.kernels.paged_decode_attention import (
     paged_decode_attention_native,
     paged_decode_attention_torch,
 )
+from moeserve.kernels.rms_norm import rms_norm, rms_norm_native, rms_norm_torch
 
 # The package re-exports the dispatchers under their modules' names, so the modules are taken from sys.modules.
 FUSED_MOE = sys.modules["moeserve.kernels.fused_moe"]
 PAGED_ATTENTION = sys.modules["moeserve.kernels.paged_decode_attention"]
+RMS_NORM = sys.modules["moeserve.kernels.rms_norm"]
 
 pytestmark = pytest.mark.skipif(native.native_library() is None, reason="no C compiler: the twins run instead")
 
@@ -272,3 +274,38 @@ def test_slot_lora_token_does_not_depend_on_its_batch():
         solo = torch.zeros(1, dout)
         slot_lora_native(x[t : t + 1], tables, rows[t : t + 1], solo)
         assert torch.equal(solo[0], batched[t])
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (16, 128), (7, 100), (3, 4, 13), (0, 32)])
+def test_rms_norm_matches_twin(shape):
+    g = torch.Generator().manual_seed(len(shape))
+    x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+    torch.testing.assert_close(rms_norm_native(x, w, 1e-5), rms_norm_torch(x, w, 1e-5))
+
+
+def test_rms_norm_row_does_not_depend_on_its_batch():
+    x, w = torch.randn(9, 72), torch.randn(72)
+    batched = rms_norm_native(x, w, 1e-6)
+    for t in (0, 4, 8):
+        assert torch.equal(rms_norm_native(x[t : t + 1], w, 1e-6)[0], batched[t])
+
+
+def test_rms_norm_dispatch(monkeypatch):
+    """Native for float32 CPU rows; the twin where autograd records, for a strided input, and on request."""
+    x, w = torch.randn(4, 32), torch.randn(32)
+    calls = []
+    monkeypatch.setattr(RMS_NORM, "rms_norm_native", lambda *a: calls.append("native") or rms_norm_native(*a))
+    with torch.no_grad():
+        rms_norm(x, w, 1e-6)
+        rms_norm(x.t().contiguous().t(), w, 1e-6)  # strided: twin
+    assert calls == ["native"]
+    wg = w.clone().requires_grad_()
+    out = rms_norm(x, wg, 1e-6)  # grad enabled and a leaf that wants one: the twin, so backward works
+    out.sum().backward()
+    assert calls == ["native"] and wg.grad is not None
+    monkeypatch.setenv("MOESERVE_KERNELS", "torch")
+    with torch.no_grad():
+        rms_norm(x, w, 1e-6)
+    assert calls == ["native"]
+    with pytest.raises(ValueError, match="last dimension"):
+        rms_norm_native(x, torch.ones(31), 1e-6)
