@@ -132,14 +132,27 @@ def native_ready(tensor: torch.Tensor) -> bool:
     return tensor.dtype == torch.float32 and tensor.is_cpu and native_library() is not None and kernel_mode() != "torch"
 
 
-def call_native(name: str, *args, bad_input: str) -> None:
-    """Runs the exported function `name` (SIGNATURES) on these arguments: IndexError(bad_input) when it refuses its
-    input (-1), MemoryError when its workspace cannot be allocated (-2)."""
+def native_function(name: str):
+    """The exported function `name` of the library (its argument types set from SIGNATURES), for callers that bind
+    their constant arguments once; check its return code with check_native."""
     lib = native_library()
     if lib is None:
         raise RuntimeError("the native CPU kernels are not built here (see moeserve.kernels.native)")
-    code = getattr(lib, name)(*args)
+    return getattr(lib, name)
+
+
+def check_native(code: int, name: str, bad_input: str) -> None:
+    """IndexError(bad_input) when the kernel refused its input (-1), MemoryError when its workspace could not be
+    allocated (-2)."""
     if code == -1:
         raise IndexError(bad_input)
     if code != 0:
         raise MemoryError(f"{name} could not allocate its workspace")
+
+
+def call_native(name: str, *args, bad_input: str) -> None:
+    """Runs the exported function `name` (SIGNATURES) on these arguments: IndexError(bad_input) when it refuses its
+    input (-1), MemoryError when its workspace cannot be allocated (-2)."""
+    code = native_function(name)(*args)
+    if code != 0:
+        check_native(code, name, bad_input)

@@ -266,14 +266,36 @@ def test_slot_lora_token_does_not_depend_on_its_batch():
         torch.randn(3, experts + experts * rank, din, generator=g), torch.randn(3, experts * rank, dout, generator=g),
         experts, rank, True, None, None, None, False, ints(3, 3, 1), ints(3, 2, 1), ints(0, 1, 0), ints(4, 3, 2),
     )  # fmt: skip
-    x = torch.randn(9, din, generator=g)
-    rows = ints(0, 1, 2, 0, 0, 1, 2, 2, 1)
-    batched = torch.zeros(9, dout)
+    rows = ints(0, 1, 2, 0, 0, 1, 2, 2, 1, 0, 0, 0, 0, 1)  # adapter 0: 7 tokens (blocks of 4, 2 and 1 where wide)
+    x = torch.randn(rows.shape[0], din, generator=g)
+    batched = torch.zeros(rows.shape[0], dout)
     slot_lora_native(x, tables, rows, batched)
-    for t in range(9):
+    for t in range(rows.shape[0]):
         solo = torch.zeros(1, dout)
         slot_lora_native(x[t : t + 1], tables, rows[t : t + 1], solo)
         assert torch.equal(solo[0], batched[t])
+
+
+def test_slot_lora_bound_call_and_one_adapter_rows():
+    """The bound call adapters keep per step: no token rows means every token is row 0's (a step of one adapter),
+    the same as rows of zeros; operands of the wrong shape are refused before the kernel reads them."""
+    from moeserve.adapters.slot_batched_lora import SlotTables, bind_slot_lora_native
+
+    g = torch.Generator().manual_seed(2)
+    ints = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    tables = SlotTables(
+        torch.randn(2, 3 + 3 * 4, 16, generator=g), torch.randn(2, 3 * 4, 12, generator=g), 3, 4, True,
+        None, None, None, False, ints(3, 2), ints(3, 1), ints(0, 1), ints(4, 4),
+    )  # fmt: skip
+    run = bind_slot_lora_native(tables)
+    x = torch.randn(6, 16, generator=g)
+    rows, whole = torch.zeros(6, 12), torch.zeros(6, 12)
+    run(x, torch.zeros(6, dtype=torch.int32), rows)
+    run(x, None, whole)
+    assert torch.equal(rows, whole) and whole.abs().sum() > 0
+    for bad_x, bad_y, bad_rows in ((x[:, :8], whole, None), (x, whole[:, :6], None), (x, whole, ints(0, 0))):
+        with pytest.raises(ValueError):
+            run(bad_x.contiguous(), bad_rows, bad_y.contiguous())
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (16, 128), (7, 100), (3, 4, 13), (0, 32)])

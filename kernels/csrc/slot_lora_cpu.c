@@ -4,7 +4,8 @@
  * The tables are slot_batched_lora's SlotTables (moeserve/adapters/slot_batched_lora.py), one row p per adapter of
  * the step: w_in [P, E + E*r, in] (router rows, then A's E*r rows; just A's r rows when no adapter routes), lora_b
  * [P, E*r, out] (B^T, pre-scaled), each adapter's experts zero-padded to the tables' rank r past its own rank
- * ranks[p] (skipped). For token t of adapter row p = token_row[t] (-1: no LoRA here):
+ * ranks[p] (skipped). For token t of adapter row p = token_row[t] (-1: no LoRA here; token_row NULL: every token
+ * row 0's, the step of one adapter):
  *
  *     probs = softmax over the adapter's own experts of (router x)    (routed tables; else one expert, weight 1)
  *     gate  = its top_k[p] probabilities, renormalised where renorm[p] (top_k[p] = its expert count: soft)
@@ -33,7 +34,8 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
             return -1;
         if (ranks[p] < 0 || ranks[p] > rank) return -1;
     }
-    for (int64_t t = 0; t < num_tokens; t++)
+    if (token_row == NULL && num_rows < 1) return -1;
+    for (int64_t t = 0; token_row != NULL && t < num_tokens; t++)
         if (token_row[t] < -1 || token_row[t] >= num_rows) return -1;
     /* the tokens grouped by adapter row: starts [P + 2], order [T] */
     int64_t *starts = calloc((size_t)num_rows + 2, sizeof(int64_t));
@@ -48,7 +50,12 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
         code = -2;
         goto done;
     }
-    COUNTING_SORT(token_row, num_tokens, num_rows, starts, order); /* tokens without LoRA (-1) left out */
+    if (token_row != NULL) {
+        COUNTING_SORT(token_row, num_tokens, num_rows, starts, order); /* tokens without LoRA (-1) left out */
+    } else { /* every token is row 0's */
+        for (int64_t t = 0; t < num_tokens; t++) order[t] = t;
+        for (int64_t p = 1; p <= num_rows; p++) starts[p] = num_tokens;
+    }
     for (int64_t p = 0; p < num_rows; p++) {
         const int64_t first = starts[p], n = starts[p + 1] - first;
         if (n == 0) continue;

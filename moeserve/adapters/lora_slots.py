@@ -27,9 +27,9 @@ from torch import nn
 from moeserve.adapters.slot_batched_lora import (
     SlotPadding,
     SlotTables,
+    bind_slot_lora_native,
     native_lora_fits,
     slot_batched_lora,
-    slot_lora_native,
     token_rows,
     worth_padding,
 )
@@ -183,9 +183,9 @@ class AdaptedLinear(nn.Module):
         y = self._base(x_in)  # [T, out]
         lora_slots = plan.lora
         tables = self._slot_tables(lora_slots) if lora_slots and not use_triton(x) else None
-        if tables is not None and native_lora_fits(x, tables, y):
-            rows = self._token_rows("token_rows", lora_slots, x.shape[0], groups, local=True)
-            slot_lora_native(x, tables, rows, y)
+        run = self._native_lora(x, lora_slots) if tables is not None else None
+        if run is not None:
+            run(x.contiguous(), self._token_rows("token_rows", lora_slots, x.shape[0], groups, local=True), y)
         elif tables is not None and worth_padding([groups[s].shape[0] for s in lora_slots]):
             key = ("slot_padding", tuple(lora_slots))
             step_cache = ctx.step_cache
@@ -237,12 +237,24 @@ class AdaptedLinear(nn.Module):
         if kind == "ia3_out":
             self._rescale_ia3("ia3_out", [slot], y, groups)
             return y
-        tables = self._slot_tables([slot], "one")
-        if native_lora_fits(x, tables, y):
-            slot_lora_native(x, tables, self._token_rows("token_rows", [slot], x.shape[0], groups, local=True), y)
+        run = self._native_lora(x, [slot], "one")
+        if run is not None:
+            run(x.contiguous(), None, y)  # every token is the one adapter's
         else:
-            slot_batched_lora(x, tables, SlotPadding.whole(), y)
+            slot_batched_lora(x, self._slot_tables([slot], "one"), SlotPadding.whole(), y)
         return y
+
+    def _native_lora(self, x: torch.Tensor, lora_slots: list[int], kind: str = "slot_tables"):
+        """The native LoRA call bound to these adapters' slot tables (kept beside the cut, like it), or None where
+        the native kernel does not take this step (not float32 on CPU, no library)."""
+        if x.dtype != torch.float32:
+            return None
+        return self._cut(f"{kind}:native", lora_slots, lambda: self._bind_native(self._slot_tables(lora_slots, kind)))
+
+    @staticmethod
+    def _bind_native(tables: SlotTables):
+        probe = tables.w_in
+        return bind_slot_lora_native(tables) if native_lora_fits(probe, tables, probe) else None
 
     def _ia3_scale(self, kind: str, slot: int, act: torch.Tensor) -> torch.Tensor:
         """sum_i g_i(act) l[slot, i] for the activations act [n, dim] it will rescale: [n, dim]."""

@@ -19,12 +19,13 @@ token instead: no padding, so any mix of adapters, and one call per linear.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from moeserve.kernels.native import call_native, native_ready
+from moeserve.kernels.native import check_native, native_function, native_ready
 
 
 @dataclass(frozen=True)
@@ -137,20 +138,38 @@ def native_lora_fits(x: torch.Tensor, tables: SlotTables, out: torch.Tensor) -> 
     )
 
 
-def slot_lora_native(x: torch.Tensor, tables: SlotTables, token_rows: torch.Tensor, out: torch.Tensor) -> None:
+def slot_lora_native(x: torch.Tensor, tables: SlotTables, token_rows: torch.Tensor | None, out: torch.Tensor) -> None:
     """Adds every token's LoRA-expert delta to out [T, out_features] in place, like slot_batched_lora, with the native
-    kernel: token_rows [T] int32 is each token's adapter row in the tables (-1: none). float32 only."""
-    if not out.is_contiguous():
-        raise ValueError("slot_lora_native adds into a contiguous output only")
-    x = x.contiguous()
-    num_rows = tables.w_in.shape[0]
-    call_native(
-        "moeserve_slot_lora_f32", x.data_ptr(), x.shape[0], x.shape[1], token_rows.data_ptr(),
+    kernel: token_rows [T] int32 is each token's adapter row in the tables (-1: none; None: every token row 0's).
+    float32 only."""
+    bind_slot_lora_native(tables)(x.contiguous(), token_rows, out)
+
+
+def bind_slot_lora_native(tables: SlotTables) -> Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], None]:
+    """slot_lora_native on these tables with their arguments bound once: run(x, token_rows, out), x [T, in]
+    contiguous. An adapted linear keeps it while the same adapters are stepped (it holds the tables), so each layer of
+    each step pays one checked foreign call."""
+    fn, name = native_function("moeserve_slot_lora_f32"), "moeserve_slot_lora_f32"
+    num_rows, in_dim, out_dim = tables.w_in.shape[0], tables.w_in.shape[2], tables.lora_b.shape[2]
+    bound = (
         tables.w_in.data_ptr(), num_rows, tables.num_experts, tables.rank, int(tables.routed),
-        tables.lora_b.data_ptr(), out.shape[1], tables.own_experts.data_ptr(), tables.top_k.data_ptr(),
-        tables.renorm.data_ptr(), tables.ranks.data_ptr(), out.data_ptr(),
-        bad_input=f"an adapter row or routing outside the {num_rows} adapters of the LoRA tables",
+        tables.lora_b.data_ptr(), out_dim, tables.own_experts.data_ptr(), tables.top_k.data_ptr(),
+        tables.renorm.data_ptr(), tables.ranks.data_ptr(),
     )  # fmt: skip
+    bad = f"an adapter row or routing outside the {num_rows} adapters of the LoRA tables"
+
+    def run(x: torch.Tensor, token_rows: torch.Tensor | None, out: torch.Tensor) -> None:
+        if x.shape[-1] != in_dim or out.shape[-1] != out_dim or not (x.is_contiguous() and out.is_contiguous()):
+            raise ValueError(f"slot_lora_native takes contiguous x [T, {in_dim}] and out [T, {out_dim}]")
+        if token_rows is not None and token_rows.shape[0] != x.shape[0]:
+            raise ValueError(f"{token_rows.shape[0]} token rows for {x.shape[0]} tokens")
+        rows = None if token_rows is None else token_rows.data_ptr()
+        code = fn(x.data_ptr(), x.shape[0], in_dim, rows, *bound, out.data_ptr())
+        if code != 0:
+            check_native(code, name, bad)
+
+    run.tables = tables  # the pointers above stay valid while run lives
+    return run
 
 
 def token_rows(num_tokens: int, groups: list[torch.Tensor], values: list[int] | None = None) -> torch.Tensor:
