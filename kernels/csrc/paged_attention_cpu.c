@@ -13,25 +13,6 @@
 
 #include "vec.h"
 
-/* p[i] = exp(p[i] - max) for n elements; returns their sum. */
-static float exp_shifted(float *p, int64_t n, float max) {
-    v8f total = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        v8f e = vexp(load8(p + i) - max);
-        store8(p + i, e);
-        total += e;
-    }
-    float sum = hsum8(total);
-    for (; i < n; i++) {
-        float tail[8] = {0};
-        tail[0] = p[i] - max;
-        p[i] = vexp(load8(tail))[0];
-        sum += p[i];
-    }
-    return sum;
-}
-
 /* q [B, Hq, D] contiguous; k_cache / v_cache addressed by (block, slot, head) strides in elements, last dim
  * contiguous; block_tables [B, M] int32 (row stride bt_stride); out [B, Hq, Dv] contiguous. window <= 0: none.
  * Returns 0, -1 for a context length outside [1, M * S] or a block id outside [0, num_blocks), -2 when memory runs
@@ -71,7 +52,7 @@ int moeserve_paged_decode_attention_f32(const float *q, const float *k_cache, co
             for (int64_t g = 0; g < group; g++) {
                 float *p = scores + g * max_len, max = -INFINITY;
                 for (int64_t i = 0; i < n; i++) max = p[i] > max ? p[i] : max;
-                const float inv = 1.0f / exp_shifted(p, n, max);
+                const float inv = 1.0f / vexp_shifted(p, n, max);
                 for (int64_t i = 0; i < n; i++) p[i] *= inv;
             }
             memset(acc, 0, (size_t)(group * v_dim) * sizeof(float));

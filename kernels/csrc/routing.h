@@ -7,12 +7,14 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "vec.h"
+
 /* probs [own]: the logits in, the softmax out. Writes the gated experts' ids and gates (the first `used` of each,
  * largest first for top-k, ties to the lower id) and returns used. */
 static inline int64_t route_gates(float *probs, int64_t own, int64_t k, int renorm, float *gate, int64_t *gate_ids) {
-    float max = -INFINITY, sum = 0.0f;
+    float max = -INFINITY;
     for (int64_t e = 0; e < own; e++) max = probs[e] > max ? probs[e] : max;
-    for (int64_t e = 0; e < own; e++) sum += (probs[e] = expf(probs[e] - max));
+    const float sum = vexp_shifted(probs, own, max);
     for (int64_t e = 0; e < own; e++) probs[e] /= sum;
     if (k >= own) {
         for (int64_t e = 0; e < own; e++) gate_ids[e] = e, gate[e] = probs[e];
