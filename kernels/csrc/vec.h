@@ -160,6 +160,25 @@ static inline void vdot4x4(const float *w, int64_t ld, const float *x, int64_t l
 }
 #endif
 
+/* out[j] = rows[j] . x over n elements for eight rows anywhere in memory: per row the same arithmetic as vdot. */
+static inline void vdot8rows(const float *const rows[8], const float *x, int64_t n, float *out) {
+    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+    int64_t h = 0;
+    for (; h + 8 <= n; h += 8) {
+        const v8f y = load8(x + h);
+        a0 += load8(rows[0] + h) * y; a1 += load8(rows[1] + h) * y;
+        a2 += load8(rows[2] + h) * y; a3 += load8(rows[3] + h) * y;
+        a4 += load8(rows[4] + h) * y; a5 += load8(rows[5] + h) * y;
+        a6 += load8(rows[6] + h) * y; a7 += load8(rows[7] + h) * y;
+    }
+    const v8f s = hsum8x8(a0, a1, a2, a3, a4, a5, a6, a7);
+    for (int j = 0; j < 8; j++) {
+        float t = s[j];
+        for (int64_t i = h; i < n; i++) t += x[i] * rows[j][i];
+        out[j] = t;
+    }
+}
+
 /* y[p, r] = w[r] . x[p] for rows r < rows (stride ld) and the n_tok vectors x[p] (stride ldx), into y (stride ldy). */
 static inline void vgemm_rows(const float *w, int64_t rows, int64_t ld, const float *x, int64_t n_tok, int64_t ldx,
                               int64_t n, float *y, int64_t ldy) {
@@ -204,7 +223,8 @@ static inline void vaxpy_rows(const float *rows, int64_t n_rows, int64_t ld, con
         int64_t c = 0;
 #ifdef MOESERVE_AVX512
         for (; c + 16 <= n; c += 16) {
-            const v16f w0 = load16(r + c), w1 = load16(r + ld + c), w2 = load16(r + 2 * ld + c), w3 = load16(r + 3 * ld + c);
+            const v16f w0 = load16(r + c), w1 = load16(r + ld + c), w2 = load16(r + 2 * ld + c),
+                       w3 = load16(r + 3 * ld + c);
             const v16f w4 = load16(r + 4 * ld + c), w5 = load16(r + 5 * ld + c), w6 = load16(r + 6 * ld + c),
                       w7 = load16(r + 7 * ld + c);
             store16(y + c, AXPY_TERMS8(load16(y + c), c));
@@ -228,7 +248,8 @@ static inline void vaxpy_rows(const float *rows, int64_t n_rows, int64_t ld, con
         int64_t c = 0;
 #ifdef MOESERVE_AVX512
         for (; c + 16 <= n; c += 16) {
-            const v16f w0 = load16(r + c), w1 = load16(r + ld + c), w2 = load16(r + 2 * ld + c), w3 = load16(r + 3 * ld + c);
+            const v16f w0 = load16(r + c), w1 = load16(r + ld + c), w2 = load16(r + 2 * ld + c),
+                       w3 = load16(r + 3 * ld + c);
             store16(y + c, AXPY_TERMS4(load16(y + c), c));
         }
 #endif
@@ -257,7 +278,8 @@ static inline void vaxpy_rows2(const float *rows, int64_t n_rows, int64_t ld, co
         int64_t c = 0;
 #ifdef MOESERVE_AVX512
         for (; c + 16 <= n; c += 16) {
-            const v16f w0 = load16(r + c), w1 = load16(r + ld + c), w2 = load16(r + 2 * ld + c), w3 = load16(r + 3 * ld + c);
+            const v16f w0 = load16(r + c), w1 = load16(r + ld + c), w2 = load16(r + 2 * ld + c),
+                       w3 = load16(r + 3 * ld + c);
             const v16f w4 = load16(r + 4 * ld + c), w5 = load16(r + 5 * ld + c), w6 = load16(r + 6 * ld + c),
                       w7 = load16(r + 7 * ld + c);
             store16(y0 + c, AXPY_TERMS8(load16(y0 + c), c));
@@ -285,7 +307,8 @@ static inline void vaxpy_rows2(const float *rows, int64_t n_rows, int64_t ld, co
         int64_t c = 0;
 #ifdef MOESERVE_AVX512
         for (; c + 16 <= n; c += 16) {
-            const v16f w0 = load16(r + c), w1 = load16(r + ld + c), w2 = load16(r + 2 * ld + c), w3 = load16(r + 3 * ld + c);
+            const v16f w0 = load16(r + c), w1 = load16(r + ld + c), w2 = load16(r + 2 * ld + c),
+                       w3 = load16(r + 3 * ld + c);
             store16(y0 + c, AXPY_TERMS4(load16(y0 + c), c));
             store16(y1 + c, AXPY_TERMS4(load16(y1 + c), d));
         }
@@ -307,6 +330,24 @@ static inline void vaxpy_rows2(const float *rows, int64_t n_rows, int64_t ld, co
             y0[c] += c0 * r0[c];
             y1[c] += d0 * r0[c];
         }
+    }
+}
+
+/* y[c] += sum_j coef[j] * rows[j][c] over eight rows anywhere in memory, in row order: per element the same
+ * arithmetic as adding the rows one after the other. */
+static inline void vaxpy8rows(const float *const rows[8], const float *coef, float *y, int64_t n) {
+    const float c0 = coef[0], c1 = coef[1], c2 = coef[2], c3 = coef[3], c4 = coef[4], c5 = coef[5], c6 = coef[6],
+                c7 = coef[7];
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const v8f w0 = load8(rows[0] + c), w1 = load8(rows[1] + c), w2 = load8(rows[2] + c), w3 = load8(rows[3] + c);
+        const v8f w4 = load8(rows[4] + c), w5 = load8(rows[5] + c), w6 = load8(rows[6] + c), w7 = load8(rows[7] + c);
+        store8(y + c, AXPY_TERMS8(load8(y + c), c));
+    }
+    for (; c < n; c++) {
+        const float w0 = rows[0][c], w1 = rows[1][c], w2 = rows[2][c], w3 = rows[3][c], w4 = rows[4][c],
+                    w5 = rows[5][c], w6 = rows[6][c], w7 = rows[7][c];
+        y[c] = AXPY_TERMS8(y[c], c);
     }
 }
 
