@@ -28,7 +28,14 @@ from moeserve.kernels.backend import kernel_mode
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("fused_moe_cpu.c", "paged_attention_cpu.c", "rms_norm_cpu.c", "slot_lora_cpu.c", "slot_ia3_cpu.c")
+SOURCES = (
+    "fused_moe_cpu.c",
+    "paged_attention_cpu.c",
+    "rms_norm_cpu.c",
+    "rotary_cpu.c",
+    "slot_lora_cpu.c",
+    "slot_ia3_cpu.c",
+)
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11")
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 # name -> argument types of each exported function (all return int: 0, or a negative error code).
@@ -51,6 +58,8 @@ SIGNATURES: dict[str, tuple] = {
     ),
     # x, rows, dim, weight, eps, y
     "moeserve_rms_norm_f32": (_PTR, _I64, _I64, _PTR, _F32, _PTR),
+    # x, T, heads, D, cos, sin, out
+    "moeserve_rope_f32": (_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR),
     # x, T, in, token_rows, w_in, P, E, r, routed, lora_b, out, own_experts, top_k, renorm, ranks, y
     "moeserve_slot_lora_f32": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, *(_PTR,) * 5),
     # act, T, dim, token_slots, router (or NULL), vectors, S + 1, E, has_router, own_experts, top_k, renorm

@@ -17,11 +17,13 @@ from moeserve.kernels.paged_decode_attention import (
     paged_decode_attention_torch,
 )
 from moeserve.kernels.rms_norm import rms_norm, rms_norm_native, rms_norm_torch
+from moeserve.kernels.rotary import rope, rope_native, rope_torch
 
 # The package re-exports the dispatchers under their modules' names, so the modules are taken from sys.modules.
 FUSED_MOE = sys.modules["moeserve.kernels.fused_moe"]
 PAGED_ATTENTION = sys.modules["moeserve.kernels.paged_decode_attention"]
 RMS_NORM = sys.modules["moeserve.kernels.rms_norm"]
+ROTARY = sys.modules["moeserve.kernels.rotary"]
 
 pytestmark = pytest.mark.skipif(native.native_library() is None, reason="no C compiler: the twins run instead")
 
@@ -331,3 +333,27 @@ def test_rms_norm_dispatch(monkeypatch):
     assert calls == ["native"]
     with pytest.raises(ValueError, match="last dimension"):
         rms_norm_native(x, torch.ones(31), 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 8), (16, 4, 64), (5, 3, 20), (3, 2, 6), (0, 2, 8)])
+def test_rope_matches_twin(shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=g)
+    angles = torch.rand(shape[0], shape[-1] // 2, generator=g) * 6
+    cos, sin = torch.cat((angles.cos(), angles.cos()), -1), torch.cat((-angles.sin(), angles.sin()), -1)
+    torch.testing.assert_close(rope_native(x, cos, sin), rope_torch(x, cos, sin))
+
+
+def test_rope_token_does_not_depend_on_its_batch_and_dispatch(monkeypatch):
+    x, cos, sin = torch.randn(7, 2, 24), torch.randn(7, 24), torch.randn(7, 24)
+    batched = rope_native(x, cos, sin)
+    for t in (0, 3, 6):
+        assert torch.equal(rope_native(x[t : t + 1], cos[t : t + 1], sin[t : t + 1])[0], batched[t])
+    with pytest.raises(ValueError, match="cos and sin"):
+        rope_native(x, cos[:, :12], sin[:, :12])
+    calls = []
+    monkeypatch.setattr(ROTARY, "rope_native", lambda *a: calls.append(1) or rope_native(*a))
+    rope(x, cos, sin)
+    rope(x.transpose(0, 1).contiguous().transpose(0, 1), cos, sin)  # strided: the twin
+    rope(x.double(), cos, sin)
+    assert calls == [1]

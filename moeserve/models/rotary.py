@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from moeserve.kernels.rotary import rope
 from moeserve.models.spec import RopeSpec
 
 
@@ -48,9 +49,6 @@ class RotaryEmbedding(nn.Module):
         four operations. The interleaved output keeps the pairs split in halves: attention scores only need q and k
         permuted alike.
         """
-        dtype = x.dtype
-        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, dim]
         if self.interleaved:  # (x1, x2) = (x[0::2], x[1::2])
             x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
-        x = x.float()
-        return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).to(dtype)  # roll: (x1, x2) -> (x2, x1)
+        return rope(x, cos, sin)  # native on CPU float32, else the four ops
