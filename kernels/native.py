@@ -35,6 +35,7 @@ SOURCES = (
     "rotary_cpu.c",
     "slot_lora_cpu.c",
     "slot_ia3_cpu.c",
+    "softmax_topk_cpu.c",
 )
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11")
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
@@ -60,6 +61,8 @@ SIGNATURES: dict[str, tuple] = {
     "moeserve_rms_norm_f32": (_PTR, _I64, _I64, _PTR, _F32, _PTR),
     # x, T, heads, D, cos, sin, out
     "moeserve_rope_f32": (_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR),
+    # logits, T, E, K, renorm, scores, ids, weights
+    "moeserve_softmax_topk_f32": (_PTR, _I64, _I64, _I64, ctypes.c_int32, _PTR, _PTR, _PTR),
     # x, T, in, token_rows, w_in, P, E, r, routed, lora_b, out, own_experts, top_k, renorm, ranks, y
     "moeserve_slot_lora_f32": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, *(_PTR,) * 5),
     # act, T, dim, token_slots, router (or NULL), vectors, S + 1, E, has_router, own_experts, top_k, renorm

@@ -18,12 +18,14 @@ from moeserve.kernels.paged_decode_attention import (
 )
 from moeserve.kernels.rms_norm import rms_norm, rms_norm_native, rms_norm_torch
 from moeserve.kernels.rotary import rope, rope_native, rope_torch
+from moeserve.kernels.softmax_topk import softmax_topk, softmax_topk_native, softmax_topk_torch
 
 # The package re-exports the dispatchers under their modules' names, so the modules are taken from sys.modules.
 FUSED_MOE = sys.modules["moeserve.kernels.fused_moe"]
 PAGED_ATTENTION = sys.modules["moeserve.kernels.paged_decode_attention"]
 RMS_NORM = sys.modules["moeserve.kernels.rms_norm"]
 ROTARY = sys.modules["moeserve.kernels.rotary"]
+SOFTMAX_TOPK = sys.modules["moeserve.kernels.softmax_topk"]
 
 pytestmark = pytest.mark.skipif(native.native_library() is None, reason="no C compiler: the twins run instead")
 
@@ -357,3 +359,33 @@ def test_rope_token_does_not_depend_on_its_batch_and_dispatch(monkeypatch):
     rope(x.transpose(0, 1).contiguous().transpose(0, 1), cos, sin)  # strided: the twin
     rope(x.double(), cos, sin)
     assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "tokens,experts,k,renorm", [(1, 8, 2, False), (33, 64, 8, True), (5, 60, 4, False), (4, 3, 2, True)]
+)
+def test_softmax_topk_matches_twin(tokens, experts, k, renorm):
+    logits = torch.randn(tokens, experts, generator=torch.Generator().manual_seed(experts)) * 2
+    scores, ids, weights = softmax_topk_native(logits, k, renorm)
+    want_scores, want_ids, want_weights = softmax_topk_torch(logits, k, renorm)
+    torch.testing.assert_close(scores, want_scores)
+    assert torch.equal(ids, want_ids)  # random logits: no ties
+    torch.testing.assert_close(weights, want_weights)
+
+
+def test_softmax_topk_ties_batch_and_dispatch(monkeypatch):
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    _, ids, weights = softmax_topk_native(logits, 2, True)
+    assert ids.tolist() == [[1, 2], [0, 1]] and torch.allclose(weights, torch.full((2, 2), 0.5))  # ties: lower id
+    x = torch.randn(6, 10)
+    batched = softmax_topk_native(x, 3, False)
+    solo = softmax_topk_native(x[2:3], 3, False)
+    assert all(torch.equal(a[2], b[0]) for a, b in zip(batched, solo))
+    calls = []
+    monkeypatch.setattr(SOFTMAX_TOPK, "softmax_topk_native", lambda *a: calls.append(1) or softmax_topk_native(*a))
+    softmax_topk(x, 3, False)
+    softmax_topk(x, 10, False)  # k = E: every expert, the twin's order (by score)
+    softmax_topk(x.double(), 3, False)
+    assert calls == [1]
+    with pytest.raises(IndexError, match="top_k"):
+        softmax_topk_native(x, 10, False)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moeserve.kernels.softmax_topk import softmax_topk
 from moeserve.models.spec import RouterSpec
 
 
@@ -41,6 +42,11 @@ class Router(nn.Module):
         logits = x.float() @ self.weight.float().t()  # [T, E]
         if self.lora is not None:
             self.lora(x, logits)
+        if spec.scoring == "softmax" and not spec.correction_bias and spec.n_group <= 1:
+            scores, topk_ids, topk_weights = softmax_topk(logits, spec.top_k, spec.norm_topk_prob)  # native on CPU
+            if spec.routed_scaling_factor != 1.0:
+                topk_weights = topk_weights * spec.routed_scaling_factor
+            return Routing(topk_ids, topk_weights, scores)
         scores = logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
         choice = scores + self.e_score_correction_bias if spec.correction_bias else scores
         if spec.n_group > 1:
