@@ -36,6 +36,7 @@ SOURCES = (
     "slot_lora_cpu.c",
     "slot_ia3_cpu.c",
     "softmax_topk_cpu.c",
+    "store_kv_cpu.c",
 )
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11")
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
@@ -63,6 +64,8 @@ SIGNATURES: dict[str, tuple] = {
     "moeserve_rope_f32": (_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR),
     # logits, T, E, K, renorm, scores, ids, weights
     "moeserve_softmax_topk_f32": (_PTR, _I64, _I64, _I64, ctypes.c_int32, _PTR, _PTR, _PTR),
+    # cache, slots, values, T, row, slot_mapping
+    "moeserve_store_kv_f32": (_PTR, _I64, _PTR, _I64, _I64, _PTR),
     # x, T, in, token_rows, w_in, P, E, r, routed, lora_b, out, own_experts, top_k, renorm, ranks, y
     "moeserve_slot_lora_f32": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, *(_PTR,) * 5),
     # act, T, dim, token_slots, router (or NULL), vectors, S + 1, E, has_router, own_experts, top_k, renorm

@@ -15,6 +15,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from moeserve.kernels.native import call_native, native_ready
+
 # varlen_attention_torch pads several sequences into one masked call when the padded batch is small (at most
 # PAD_MAX_PAIRS query-key pairs per head, at most PAD_RATIO times the real pairs): there the per-call overhead
 # dominates and one call halves the time (CPU, one thread). Past that the per-sequence calls are as fast or faster,
@@ -24,7 +26,25 @@ PAD_RATIO = 4.0
 
 
 def store_kv(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Semantics: cache.view(N * S, ...)[slot_mapping[t]] = values[t]. cache [N, S, ...], values [T, ...]."""
+    """Semantics: cache.view(N * S, ...)[slot_mapping[t]] = values[t]. cache [N, S, ...], values [T, ...].
+    On CPU in float32 one native call (kernels/csrc/store_kv_cpu.c; a slot outside the cache is an IndexError)."""
+    if (
+        native_ready(cache)
+        and values.dtype == torch.float32
+        and slot_mapping.dtype == torch.int64
+        and cache.is_contiguous()
+        and values.is_contiguous()
+        and slot_mapping.is_contiguous()
+    ):
+        num_slots = cache.shape[0] * cache.shape[1]
+        row = cache[0, 0].numel()
+        if values.numel() != slot_mapping.shape[0] * row:
+            raise ValueError(f"store_kv: {tuple(values.shape)} values for {slot_mapping.shape[0]} slots of {row}")
+        call_native(
+            "moeserve_store_kv_f32", cache.data_ptr(), num_slots, values.data_ptr(), slot_mapping.shape[0], row,
+            slot_mapping.data_ptr(), bad_input=f"a cache slot outside the {num_slots} slots of the cache",
+        )  # fmt: skip
+        return
     cache.view(-1, *cache.shape[2:])[slot_mapping] = values.to(cache.dtype)
 
 

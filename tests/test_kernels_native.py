@@ -19,6 +19,7 @@ from moeserve.kernels.paged_decode_attention import (
 from moeserve.kernels.rms_norm import rms_norm, rms_norm_native, rms_norm_torch
 from moeserve.kernels.rotary import rope, rope_native, rope_torch
 from moeserve.kernels.softmax_topk import softmax_topk, softmax_topk_native, softmax_topk_torch
+from moeserve.kernels.varlen_attention import store_kv
 
 # The package re-exports the dispatchers under their modules' names, so the modules are taken from sys.modules.
 FUSED_MOE = sys.modules["moeserve.kernels.fused_moe"]
@@ -389,3 +390,19 @@ def test_softmax_topk_ties_batch_and_dispatch(monkeypatch):
     assert calls == [1]
     with pytest.raises(IndexError, match="top_k"):
         softmax_topk_native(x, 10, False)
+
+
+def test_store_kv_writes_the_slots_and_refuses_outside_the_cache():
+    cache = torch.zeros(3, 4, 2, 5)  # [N, S, heads, D]
+    values = torch.randn(3, 2, 5)
+    slots = torch.tensor([11, 0, 6])
+    want = cache.clone()
+    want.view(-1, 2, 5)[slots] = values
+    store_kv(cache, values, slots)  # native: float32 on CPU
+    assert torch.equal(cache, want)
+    before = cache.clone()
+    with pytest.raises(IndexError, match="outside the 12 slots"):
+        store_kv(cache, values, torch.tensor([1, 12, 2]))
+    assert torch.equal(cache, before)  # nothing written
+    with pytest.raises(ValueError, match="values for 2 slots"):
+        store_kv(cache, values, torch.tensor([1, 2]))
