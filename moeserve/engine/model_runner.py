@@ -78,19 +78,23 @@ class ModelRunner:
         ids = list(chain.from_iterable(s.token_ids[a:b] for s, a, b in zip(seqs, starts, kv_lens)))
         num_seqs, num_tokens = len(seqs), len(ids)
 
-        q_lens = torch.tensor(query_lens, dtype=torch.int64)  # [B]
-        cu = torch.zeros(num_seqs + 1, dtype=torch.int64)  # [B + 1]
-        torch.cumsum(q_lens, 0, out=cu[1:])
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
-        positions = torch.arange(num_tokens) - cu[:-1][seq_of_token] + torch.tensor(starts)[seq_of_token]  # [T]
-
         table_lens = torch.tensor([len(s.block_table) for s in seqs])  # [B]
         max_blocks = int(table_lens.max())
         tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)  # [B, M]
         tables[torch.arange(max_blocks)[None, :] < table_lens[:, None]] = torch.tensor(
             list(chain.from_iterable(s.block_table for s in seqs)), dtype=torch.int32
         )
-        slot_mapping = tables[seq_of_token, positions // size].long() * size + positions % size  # [T]
+        if num_tokens == num_seqs:  # a decode step: one token per sequence, its position and slot known per sequence
+            cu = torch.arange(num_seqs + 1)  # [B + 1]
+            positions = torch.tensor(starts)  # [T]
+            slot_mapping = torch.tensor([s.block_table[p // size] * size + p % size for s, p in zip(seqs, starts)])
+        else:
+            q_lens = torch.tensor(query_lens, dtype=torch.int64)  # [B]
+            cu = torch.zeros(num_seqs + 1, dtype=torch.int64)  # [B + 1]
+            torch.cumsum(q_lens, 0, out=cu[1:])
+            seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [T]
+            positions = torch.arange(num_tokens) - cu[:-1][seq_of_token] + torch.tensor(starts)[seq_of_token]  # [T]
+            slot_mapping = tables[seq_of_token, positions // size].long() * size + positions % size  # [T]
 
         sample_rows = [i for i, (s, end) in enumerate(zip(seqs, kv_lens)) if end == s.num_tokens]
         sample_indices = cu[1:][sample_rows] - 1  # [n] the last token of each sequence that completes its tokens
@@ -98,7 +102,9 @@ class ModelRunner:
         seq_slots = [s.adapter_slot for s in seqs]
         adapter_slot = groups = None
         if any(seq_slots):
-            adapter_slot = torch.tensor(seq_slots, dtype=torch.int32)[seq_of_token]  # [T]
+            adapter_slot = torch.tensor(seq_slots, dtype=torch.int32)  # [B]
+            if num_tokens != num_seqs:
+                adapter_slot = adapter_slot.repeat_interleave(torch.tensor(query_lens))  # [T]
             groups = {slot: torch.nonzero(adapter_slot == slot).squeeze(1).to(self.device) for slot in set(seq_slots)}
 
         dev = self.device
