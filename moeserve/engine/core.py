@@ -18,6 +18,7 @@ from moeserve.adapters.config import AdapterError
 from moeserve.adapters.manager import AdapterManager
 from moeserve.engine.config import EngineConfig
 from moeserve.engine.core_messages import EngineCoreOutput, EngineCoreRequest, SchedulerStats, StepFailedError
+from moeserve.engine.host_allocator import keep_freed_memory
 from moeserve.engine.kv_cache_manager import KVCacheManager
 from moeserve.engine.kv_cache_tensors import default_num_blocks
 from moeserve.engine.model_runner import ModelRunner
@@ -50,6 +51,8 @@ class EngineCore:
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir} is not a model directory: it has no config.json")
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # each step's activations reuse the last step's pages (host_allocator.py)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)  # for the EOS ids; LLMEngine reuses it
