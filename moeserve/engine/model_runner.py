@@ -34,6 +34,17 @@ class ModelInput:
     prompt_rows: PromptLogprobRows | None = None  # the rows that score prompt tokens (requests asking for them)
 
 
+def token_groups(seq_slots: list[int], query_lens: list[int]) -> dict[int, torch.Tensor]:
+    """Adapter slot -> the indices [n] int64 of its tokens in the packed step, from the host lists (sequences in
+    order, query_lens[b] tokens each): one tensor per slot present, no device work."""
+    rows: dict[int, list[int]] = {}
+    start = 0
+    for slot, n in zip(seq_slots, query_lens):
+        rows.setdefault(slot, []).extend(range(start, start + n))
+        start += n
+    return {slot: torch.tensor(r, dtype=torch.int64) for slot, r in rows.items()}
+
+
 def decodes_first(scheduled: list[ScheduledSeq]) -> list[ScheduledSeq]:
     """The step's sequences with the one-token rows (decodes) first, each kind in scheduling order."""
     return [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens != 1]
@@ -105,7 +116,7 @@ class ModelRunner:
             adapter_slot = torch.tensor(seq_slots, dtype=torch.int32)  # [B]
             if num_tokens != num_seqs:
                 adapter_slot = adapter_slot.repeat_interleave(torch.tensor(query_lens))  # [T]
-            groups = {slot: torch.nonzero(adapter_slot == slot).squeeze(1).to(self.device) for slot in set(seq_slots)}
+            groups = {slot: g.to(self.device) for slot, g in token_groups(seq_slots, query_lens).items()}
 
         dev = self.device
         context = ForwardContext(
