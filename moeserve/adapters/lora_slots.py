@@ -33,7 +33,7 @@ from moeserve.adapters.slot_batched_lora import (
     token_rows,
     worth_padding,
 )
-from moeserve.adapters.slot_ia3 import Ia3Routing, native_ia3_fits, slot_ia3_native
+from moeserve.adapters.slot_ia3 import Ia3Routing, bind_slot_ia3_native, native_ia3_fits
 from moeserve.adapters.weights import ModuleWeights
 from moeserve.forward_context import get_forward_context
 from moeserve.kernels.backend import use_triton
@@ -219,8 +219,10 @@ class AdaptedLinear(nn.Module):
         """act [T, dim] (a fresh tensor) rescaled in place, each of these slots' tokens by its IA3 experts."""
         vectors = self.tables[f"{kind}_vec"]
         if native_ia3_fits(act, vectors):
-            rows = self._token_rows(kind, ia3_slots, act.shape[0], groups, local=False)
-            slot_ia3_native(act, vectors, self.tables.get(f"{kind}_router"), self._ia3_routing[kind], rows)
+            # Bound to the whole tables (every slot), which change only on load and unload: those clear the cuts.
+            router = self.tables.get(f"{kind}_router")
+            run = self._cut(kind, [], lambda: bind_slot_ia3_native(vectors, router, self._ia3_routing[kind]))
+            run(act, self._token_rows(kind, ia3_slots, act.shape[0], groups, local=False))
             return
         for s in ia3_slots:
             act[groups[s]] = act[groups[s]] * self._ia3_scale(kind, s, act[groups[s]])

@@ -8,9 +8,11 @@ renormalised where it says), or l[s, 0] for a slot without a router: AdaptedLine
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from moeserve.kernels.native import call_native, native_ready
+from moeserve.kernels.native import check_native, native_function, native_ready
 
 
 class Ia3Routing:
@@ -42,12 +44,31 @@ def slot_ia3_native(
 ) -> None:
     """Rescales act [T, dim] in place, each token by its slot's IA3 experts (token_slots [T] int32, -1: leave it).
     vectors and router [S+1, E, dim] contiguous float32 (router None: no slot routes)."""
+    bind_slot_ia3_native(vectors, router, routing)(act, token_slots)
+
+
+def bind_slot_ia3_native(
+    vectors: torch.Tensor, router: torch.Tensor | None, routing: Ia3Routing
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """slot_ia3_native on these tables with their arguments bound once: run(act, token_slots). An adapted linear
+    keeps it until an adapter is loaded or unloaded (which may grow the tables)."""
     if router is not None and router.shape != vectors.shape:
         raise ValueError(f"IA3 router {tuple(router.shape)} and vectors {tuple(vectors.shape)} tables differ")
+    fn, name = native_function("moeserve_slot_ia3_f32"), "moeserve_slot_ia3_f32"
     meta = routing.table
-    call_native(
-        "moeserve_slot_ia3_f32", act.data_ptr(), act.shape[0], act.shape[1], token_slots.data_ptr(),
+    dim = vectors.shape[2]
+    bound = (
         None if router is None else router.data_ptr(), vectors.data_ptr(), vectors.shape[0], vectors.shape[1],
         meta[0].data_ptr(), meta[1].data_ptr(), meta[2].data_ptr(), meta[3].data_ptr(),
-        bad_input="a token's adapter slot has no IA3 experts in these tables (or a routing outside them)",
     )  # fmt: skip
+    bad = "a token's adapter slot has no IA3 experts in these tables (or a routing outside them)"
+
+    def run(act: torch.Tensor, token_slots: torch.Tensor) -> None:
+        if act.shape[-1] != dim or not act.is_contiguous() or token_slots.shape[0] != act.shape[0]:
+            raise ValueError(f"slot_ia3_native rescales contiguous act [T, {dim}] with one slot per token")
+        code = fn(act.data_ptr(), act.shape[0], dim, token_slots.data_ptr(), *bound)
+        if code != 0:
+            check_native(code, name, bad)
+
+    run.tables = (vectors, router, meta)  # the pointers above stay valid while run lives
+    return run
