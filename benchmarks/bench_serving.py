@@ -3,7 +3,7 @@
 For every cell of the grid (N concurrent streaming requests over K adapters of mixed methods, uniform or Zipf
 popularity, fixed prompt and output lengths with ignore_eos), each system serves the same requests:
 
-  moeserve                     `moeserve serve` on loopback, N concurrent streaming /v1/completions (httpx)
+  moeserve                     `moeserve serve` on loopback, N concurrent streaming /v1/completions (aiohttp)
   moeserve offline             the same engine stepped in this process, no HTTP (where the server's time goes)
   transformers+peft            `generate` batched per adapter group, groups in turn (see baselines.py per method)
   transformers generate_batch  transformers' continuous batching, base-model cells only
@@ -375,7 +375,7 @@ def summarize(runs: list[dict], cells: list[Cell]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "transformers", "ContinuousBatchingLogger", "moeserve.training"):
+    for noisy in ("httpx", "aiohttp", "transformers", "ContinuousBatchingLogger", "moeserve.training"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
