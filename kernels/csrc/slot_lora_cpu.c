@@ -59,10 +59,14 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
     for (int64_t p = 0; p < num_rows; p++) {
         const int64_t first = starts[p], n = starts[p + 1] - first;
         if (n == 0) continue;
-        float *xs = buf, *hw = xs + n * in_dim, *gate = hw + n * hs, *delta = gate + n * experts;
+        float *copy = buf, *hw = copy + n * in_dim, *gate = hw + n * hs, *delta = gate + n * experts;
         float *h = hw + experts; /* token i's A x at h + i * hs, its logits at hw + i * hs */
-        for (int64_t i = 0; i < n; i++)
-            memcpy(xs + i * in_dim, x + order[first + i] * in_dim, (size_t)in_dim * sizeof(float));
+        const float *xs = x; /* the group's inputs [n, in]: x itself when every token is row 0's, else gathered */
+        if (token_row != NULL) {
+            for (int64_t i = 0; i < n; i++)
+                memcpy(copy + i * in_dim, x + order[first + i] * in_dim, (size_t)in_dim * sizeof(float));
+            xs = copy;
+        }
         const float *w = w_in + p * in_rows * in_dim, *b = lora_b + p * er * out_dim;
         const float *a_rows = routed ? w + experts * in_dim : w;
         const int64_t rp = ranks[p]; /* the adapter's own rank: its experts' rows past it are the tables' padding */
