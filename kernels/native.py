@@ -66,8 +66,23 @@ SIGNATURES: dict[str, tuple] = {
     "moeserve_softmax_topk_f32": (_PTR, _I64, _I64, _I64, ctypes.c_int32, _PTR, _PTR, _PTR),
     # cache, slots, values, T, row, slot_mapping
     "moeserve_store_kv_f32": (_PTR, _I64, _PTR, _I64, _I64, _PTR),
-    # x, T, in, token_rows, w_in, P, E, r, routed, lora_b, out, own_experts, top_k, renorm, ranks, y
-    "moeserve_slot_lora_f32": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, *(_PTR,) * 5),
+    # x, T, in, token_rows, w_in, P, E, r, routed, lora_b, out, own_experts, top_k, renorm, ranks, w_in_t, cols, y
+    "moeserve_slot_lora_f32": (
+        _PTR,
+        _I64,
+        _I64,
+        _PTR,
+        _PTR,
+        _I64,
+        _I64,
+        _I64,
+        _I64,
+        _PTR,
+        _I64,
+        *(_PTR,) * 5,
+        _I64,
+        _PTR,
+    ),  # fmt: skip
     # act, T, dim, token_slots, router (or NULL), vectors, S + 1, E, has_router, own_experts, top_k, renorm
     "moeserve_slot_ia3_f32": (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, *(_PTR,) * 4),
 }

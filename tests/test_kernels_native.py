@@ -259,10 +259,12 @@ def test_slot_lora_refuses_rows_outside_the_tables():
             slot_lora_native(x, bad, torch.zeros(3, dtype=torch.int32), y)
 
 
-def test_slot_lora_token_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_slot_lora_token_does_not_depend_on_its_batch(transposed):
     """Bitwise: a token's delta alone, or grouped with other tokens of its adapter (odd and even counts), soft and
-    top-k routing and plain LoRA."""
-    from moeserve.adapters.slot_batched_lora import SlotTables, slot_lora_native
+    top-k routing and plain LoRA; with the transposed inputs (w_in_t) the soft adapter at full size takes the
+    reduction-free path, and agrees with the rows' path."""
+    from moeserve.adapters.slot_batched_lora import SlotTables, native_inputs, slot_lora_native
 
     g = torch.Generator().manual_seed(5)
     experts, rank, din, dout = 3, 4, 24, 20
@@ -275,6 +277,11 @@ def test_slot_lora_token_does_not_depend_on_its_batch():
     x = torch.randn(rows.shape[0], din, generator=g)
     batched = torch.zeros(rows.shape[0], dout)
     slot_lora_native(x, tables, rows, batched)
+    if transposed:
+        tables = dataclasses.replace(tables, w_in_t=native_inputs(tables.w_in))
+        by_rows, batched = batched, torch.zeros(rows.shape[0], dout)
+        slot_lora_native(x, tables, rows, batched)
+        torch.testing.assert_close(batched, by_rows)
     for t in range(rows.shape[0]):
         solo = torch.zeros(1, dout)
         slot_lora_native(x[t : t + 1], tables, rows[t : t + 1], solo)

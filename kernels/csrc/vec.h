@@ -351,6 +351,59 @@ static inline void vaxpy8rows(const float *const rows[8], const float *coef, flo
     }
 }
 
+/* y[p][c] += sum_j coef[p][j] * rows[j][c] for nt <= 4 vectors y + p * ldy (coefficients coef + p * ldc), the
+ * rows' sum in row order per element (so each element gets the same operations as from vaxpy_rows), kept in
+ * registers over all the rows: each row is read once per block of columns for all nt vectors, and y once. Called
+ * with a constant nt, so the loops over p unroll. */
+static inline __attribute__((always_inline)) void vouter(const float *rows, int64_t n_rows, int64_t ld,
+                                                         const float *coef, int64_t ldc, float *y, int64_t ldy,
+                                                         int64_t n, const int nt) {
+    int64_t c = 0;
+#ifdef MOESERVE_AVX512
+    for (; c + 32 <= n; c += 32) {
+        v16f a0[4], a1[4];
+        for (int p = 0; p < nt; p++) a0[p] = load16(y + p * ldy + c), a1[p] = load16(y + p * ldy + c + 16);
+        for (int64_t j = 0; j < n_rows; j++) {
+            const v16f w0 = load16(rows + j * ld + c), w1 = load16(rows + j * ld + c + 16);
+            for (int p = 0; p < nt; p++) {
+                const float k = coef[p * ldc + j];
+                a0[p] += k * w0;
+                a1[p] += k * w1;
+            }
+        }
+        for (int p = 0; p < nt; p++) store16(y + p * ldy + c, a0[p]), store16(y + p * ldy + c + 16, a1[p]);
+    }
+#endif
+    for (; c + 16 <= n; c += 16) {
+        v8f a0[4], a1[4];
+        for (int p = 0; p < nt; p++) a0[p] = load8(y + p * ldy + c), a1[p] = load8(y + p * ldy + c + 8);
+        for (int64_t j = 0; j < n_rows; j++) {
+            const v8f w0 = load8(rows + j * ld + c), w1 = load8(rows + j * ld + c + 8);
+            for (int p = 0; p < nt; p++) {
+                const float k = coef[p * ldc + j];
+                a0[p] += k * w0;
+                a1[p] += k * w1;
+            }
+        }
+        for (int p = 0; p < nt; p++) store8(y + p * ldy + c, a0[p]), store8(y + p * ldy + c + 8, a1[p]);
+    }
+    for (; c + 8 <= n; c += 8) {
+        v8f a0[4];
+        for (int p = 0; p < nt; p++) a0[p] = load8(y + p * ldy + c);
+        for (int64_t j = 0; j < n_rows; j++) {
+            const v8f w0 = load8(rows + j * ld + c);
+            for (int p = 0; p < nt; p++) a0[p] += coef[p * ldc + j] * w0;
+        }
+        for (int p = 0; p < nt; p++) store8(y + p * ldy + c, a0[p]);
+    }
+    for (; c < n; c++)
+        for (int p = 0; p < nt; p++) {
+            float a = y[p * ldy + c];
+            for (int64_t j = 0; j < n_rows; j++) a += coef[p * ldc + j] * rows[j * ld + c];
+            y[p * ldy + c] = a;
+        }
+}
+
 /* exp on 8 lanes: Cephes' expf (range reduction by ln 2, degree-5 polynomial), ~1 ulp on [-87, 88]. */
 static inline v8f vexp(v8f x) {
     const v8f hi = {88.3762626647949f, 88.3762626647949f, 88.3762626647949f, 88.3762626647949f,
