@@ -210,7 +210,7 @@ static inline void vgemv(const float *w, int64_t rows, int64_t ld, const float *
 }
 
 /* y[c] += sum_j coef[j] * rows[j * ld + c] for c < n, j < n_rows: eight rows per pass over y, then four, then one.
- * vaxpy_rows2 does the same for two vectors at once, with the same arithmetic per vector. */
+ * (vouter below does the same for up to four vectors, keeping them in registers.) */
 #define AXPY_TERMS8(y, k)                                                                                         \
     ((((((((y) + k##0 * w0) + k##1 * w1) + k##2 * w2) + k##3 * w3) + k##4 * w4) + k##5 * w5) + k##6 * w6) + k##7 * w7
 #define AXPY_TERMS4(y, k) (((((y) + k##0 * w0) + k##1 * w1) + k##2 * w2) + k##3 * w3)
@@ -265,71 +265,6 @@ static inline void vaxpy_rows(const float *rows, int64_t n_rows, int64_t ld, con
     for (; j < n_rows; j++) {
         const float *r0 = rows + j * ld, c0 = coef[j];
         for (int64_t c = 0; c < n; c++) y[c] += c0 * r0[c];
-    }
-}
-
-static inline void vaxpy_rows2(const float *rows, int64_t n_rows, int64_t ld, const float *coef0, const float *coef1,
-                               float *y0, float *y1, int64_t n) {
-    int64_t j = 0;
-    for (; j + 8 <= n_rows; j += 8) {
-        const float *r = rows + j * ld, *k = coef0 + j, *l = coef1 + j;
-        const float c0 = k[0], c1 = k[1], c2 = k[2], c3 = k[3], c4 = k[4], c5 = k[5], c6 = k[6], c7 = k[7];
-        const float d0 = l[0], d1 = l[1], d2 = l[2], d3 = l[3], d4 = l[4], d5 = l[5], d6 = l[6], d7 = l[7];
-        int64_t c = 0;
-#ifdef MOESERVE_AVX512
-        for (; c + 16 <= n; c += 16) {
-            const v16f w0 = load16(r + c), w1 = load16(r + ld + c), w2 = load16(r + 2 * ld + c),
-                       w3 = load16(r + 3 * ld + c);
-            const v16f w4 = load16(r + 4 * ld + c), w5 = load16(r + 5 * ld + c), w6 = load16(r + 6 * ld + c),
-                      w7 = load16(r + 7 * ld + c);
-            store16(y0 + c, AXPY_TERMS8(load16(y0 + c), c));
-            store16(y1 + c, AXPY_TERMS8(load16(y1 + c), d));
-        }
-#endif
-        for (; c + 8 <= n; c += 8) {
-            const v8f w0 = load8(r + c), w1 = load8(r + ld + c), w2 = load8(r + 2 * ld + c), w3 = load8(r + 3 * ld + c);
-            const v8f w4 = load8(r + 4 * ld + c), w5 = load8(r + 5 * ld + c), w6 = load8(r + 6 * ld + c),
-                      w7 = load8(r + 7 * ld + c);
-            store8(y0 + c, AXPY_TERMS8(load8(y0 + c), c));
-            store8(y1 + c, AXPY_TERMS8(load8(y1 + c), d));
-        }
-        for (; c < n; c++) {
-            const float w0 = r[c], w1 = r[ld + c], w2 = r[2 * ld + c], w3 = r[3 * ld + c], w4 = r[4 * ld + c],
-                        w5 = r[5 * ld + c], w6 = r[6 * ld + c], w7 = r[7 * ld + c];
-            y0[c] = AXPY_TERMS8(y0[c], c);
-            y1[c] = AXPY_TERMS8(y1[c], d);
-        }
-    }
-    for (; j + 4 <= n_rows; j += 4) {
-        const float *r = rows + j * ld, *k = coef0 + j, *l = coef1 + j;
-        const float c0 = k[0], c1 = k[1], c2 = k[2], c3 = k[3];
-        const float d0 = l[0], d1 = l[1], d2 = l[2], d3 = l[3];
-        int64_t c = 0;
-#ifdef MOESERVE_AVX512
-        for (; c + 16 <= n; c += 16) {
-            const v16f w0 = load16(r + c), w1 = load16(r + ld + c), w2 = load16(r + 2 * ld + c),
-                       w3 = load16(r + 3 * ld + c);
-            store16(y0 + c, AXPY_TERMS4(load16(y0 + c), c));
-            store16(y1 + c, AXPY_TERMS4(load16(y1 + c), d));
-        }
-#endif
-        for (; c + 8 <= n; c += 8) {
-            const v8f w0 = load8(r + c), w1 = load8(r + ld + c), w2 = load8(r + 2 * ld + c), w3 = load8(r + 3 * ld + c);
-            store8(y0 + c, AXPY_TERMS4(load8(y0 + c), c));
-            store8(y1 + c, AXPY_TERMS4(load8(y1 + c), d));
-        }
-        for (; c < n; c++) {
-            const float w0 = r[c], w1 = r[ld + c], w2 = r[2 * ld + c], w3 = r[3 * ld + c];
-            y0[c] = AXPY_TERMS4(y0[c], c);
-            y1[c] = AXPY_TERMS4(y1[c], d);
-        }
-    }
-    for (; j < n_rows; j++) {
-        const float *r0 = rows + j * ld, c0 = coef0[j], d0 = coef1[j];
-        for (int64_t c = 0; c < n; c++) {
-            y0[c] += c0 * r0[c];
-            y1[c] += d0 * r0[c];
-        }
     }
 }
 
