@@ -3,7 +3,8 @@
  * out[t] = sum_k w[t, k] * w2[e] @ (silu(w13[e, :I] @ x[t]) * (w13[e, I:] @ x[t])),  e = ids[t, k]
  *
  * Assignments are counting-sorted by expert; for each expert the rows of its tables are read once per block of 4
- * rows and applied to every token routed to it (the rows stay in L1 while the tokens go by), two tokens at a time.
+ * rows and applied to every token routed to it (the rows stay in L1 while the tokens go by), four tokens at a time
+ * where the machine has AVX-512's 32 vector registers, else two.
  * Each (row, token) dot product runs the same sequence of 8-wide multiply-adds whatever the other tokens of the batch
  * are, and each token sums its experts in ascending expert order, so a token's result does not depend on the batch.
  *
