@@ -87,6 +87,7 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
             memset(hw, 0, (size_t)(n * hs) * sizeof(float));
             int64_t i = 0;
             for (; i + 4 <= n; i += 4) vouter(wt, in_dim, cols, xs + i * in_dim, in_dim, out0 + i * hs, hs, cols, 4);
+            for (; i + 2 <= n; i += 2) vouter(wt, in_dim, cols, xs + i * in_dim, in_dim, out0 + i * hs, hs, cols, 2);
             for (; i < n; i++) vouter(wt, in_dim, cols, xs + i * in_dim, in_dim, out0 + i * hs, hs, cols, 1);
         } else if (routed && soft && full) {
             /* the router's rows and every expert's A rows are one contiguous block: one pass over the tokens */
@@ -116,6 +117,8 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
                 int64_t i = 0;
                 for (; i + 4 <= n; i += 4)
                     vouter(be, rows, out_dim, h + i * hs + e * rank, hs, delta + i * out_dim, out_dim, out_dim, 4);
+                for (; i + 2 <= n; i += 2)
+                    vouter(be, rows, out_dim, h + i * hs + e * rank, hs, delta + i * out_dim, out_dim, out_dim, 2);
                 for (; i < n; i++)
                     vouter(be, rows, out_dim, h + i * hs + e * rank, hs, delta + i * out_dim, out_dim, out_dim, 1);
             }
