@@ -162,6 +162,11 @@ def native_ready(tensor: torch.Tensor) -> bool:
     return tensor.dtype == torch.float32 and tensor.is_cpu and native_library() is not None and kernel_mode() != "torch"
 
 
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would record an op on these tensors (the native kernels have no backward)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def native_function(name: str):
     """The exported function `name` of the library (its argument types set from SIGNATURES), for callers that bind
     their constant arguments once; check its return code with check_native."""

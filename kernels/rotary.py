@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from moeserve.kernels.native import call_native, native_ready
+from moeserve.kernels.native import call_native, native_ready, records_grad
 
 
 def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -27,7 +27,7 @@ def native_rope_fits(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> b
         and x.is_contiguous()
         and cos.is_contiguous()
         and sin.is_contiguous()
-        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not records_grad(x)
     )
 
 

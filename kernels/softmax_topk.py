@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from moeserve.kernels.native import call_native, native_ready
+from moeserve.kernels.native import call_native, native_ready, records_grad
 
 
 def softmax_topk_torch(
@@ -28,7 +28,7 @@ def native_softmax_topk_fits(logits: torch.Tensor, top_k: int) -> bool:
         and logits.dim() == 2
         and 1 <= top_k < logits.shape[1]
         and logits.is_contiguous()
-        and not (torch.is_grad_enabled() and logits.requires_grad)
+        and not records_grad(logits)
     )
 
 
