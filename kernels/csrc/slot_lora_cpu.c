@@ -4,10 +4,10 @@
  * The tables are slot_batched_lora's SlotTables (moeserve/adapters/slot_batched_lora.py), one row p per adapter of
  * the step: w_in [P, E + E*r, in] (router rows, then A's E*r rows; just A's r rows when no adapter routes), lora_b
  * [P, E*r, out] (B^T, pre-scaled), each adapter's experts zero-padded to the tables' rank r past its own rank
- * ranks[p] (skipped). w_in_t [P, in, cols] (or NULL) holds each adapter's w_in rows as columns, zero-padded to cols:
- * where an adapter's rows are one block (soft or plain routing at the tables' size), its router logits and A x are
- * then sums over the inputs kept in registers, with no horizontal reductions. For token t of adapter row p = token_row[t] (-1: no LoRA here; token_row NULL: every token
- * row 0's, the step of one adapter):
+ * ranks[p] (skipped). w_in_t [P, in, cols] holds each adapter's w_in rows as columns, zero-padded to cols: where an
+ * adapter's rows are one block (soft or plain routing at the tables' size), its router logits and A x are sums over
+ * the inputs kept in registers, with no horizontal reductions. For token t of adapter row p = token_row[t] (-1: no
+ * LoRA here; token_row NULL: every token row 0's, the step of one adapter):
  *
  *     probs = softmax over the adapter's own experts of (router x)    (routed tables; else one expert, weight 1)
  *     gate  = its top_k[p] probabilities, renormalised where renorm[p] (top_k[p] = its expert count: soft)
@@ -32,7 +32,7 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
                            const int32_t *renorm, const int32_t *ranks, const float *w_in_t, int64_t cols,
                            float *y) {
     const int64_t in_rows = routed ? experts + experts * rank : rank, er = experts * rank;
-    if (w_in_t != NULL && cols < in_rows) return -1;
+    if (cols < in_rows) return -1;
     for (int64_t p = 0; p < num_rows; p++) {
         if (routed && (own_experts[p] < 1 || own_experts[p] > experts || top_k[p] < 1 || top_k[p] > own_experts[p]))
             return -1;
@@ -45,11 +45,9 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
     int64_t *starts = calloc((size_t)num_rows + 2, sizeof(int64_t));
     int64_t *order = malloc((size_t)(num_tokens + 1) * sizeof(int64_t));
     int64_t *gate_ids = malloc((size_t)(num_tokens + 1) * experts * sizeof(int64_t)); /* [T, E] */
-    /* per adapter group of n tokens: inputs [n, in], router logits then A x [n, E + E*r], gates [n, E], deltas
-     * [n, out] */
-    /* the row stride of the logits-and-A-x buffer: room for all of w_in_t's columns where they are written whole */
-    int64_t hs = experts + er;
-    if (w_in_t != NULL && (routed ? cols : experts + cols) > hs) hs = routed ? cols : experts + cols;
+    /* per adapter group of n tokens: inputs [n, in], router logits then A x [n, hs], gates [n, E], deltas [n, out];
+     * hs, the row stride of the logits-and-A-x buffer, has room for all of w_in_t's columns (written whole) */
+    const int64_t hs = routed ? cols : experts + cols;
     float *buf = malloc((size_t)(num_tokens + 1) * (in_dim + hs + experts + out_dim) * sizeof(float));
     int code = 0;
     if (!starts || !order || !gate_ids || !buf) {
@@ -79,19 +77,11 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
         const int64_t own = routed ? own_experts[p] : 1, soft = !routed || top_k[p] >= own;
         const int full = rp == rank && own == experts; /* no padding: the rows needed are one block */
         int64_t used = own; /* experts gated per token: gate_ids[i * E + 0 .. used) */
-        const int outer = w_in_t != NULL && soft && full; /* router and A x from the transposed rows, no reductions */
+        const int outer = soft && full; /* router and A x from the transposed rows, no reductions */
         if (outer) {
-            /* hw[i, :cols] (routed: logits then A x; plain: A x at h) = x_i . w_in_t, summed over the inputs in order */
-            const float *wt = w_in_t + p * in_dim * cols;
-            float *out0 = routed ? hw : h;
+            /* hw[i, :cols] = x_i . w_in_t (routed: logits, then A x; plain: A x, at h), summed over the inputs */
             memset(hw, 0, (size_t)(n * hs) * sizeof(float));
-            int64_t i = 0;
-            for (; i + 4 <= n; i += 4) vouter(wt, in_dim, cols, xs + i * in_dim, in_dim, out0 + i * hs, hs, cols, 4);
-            for (; i + 2 <= n; i += 2) vouter(wt, in_dim, cols, xs + i * in_dim, in_dim, out0 + i * hs, hs, cols, 2);
-            for (; i < n; i++) vouter(wt, in_dim, cols, xs + i * in_dim, in_dim, out0 + i * hs, hs, cols, 1);
-        } else if (routed && soft && full) {
-            /* the router's rows and every expert's A rows are one contiguous block: one pass over the tokens */
-            vgemm_rows(w, hs, in_dim, xs, n, in_dim, in_dim, hw, hs);
+            vouter_tokens(w_in_t + p * in_dim * cols, in_dim, cols, xs, in_dim, routed ? hw : h, hs, cols, n);
         } else if (routed) {
             vgemm_rows(w, own, in_dim, xs, n, in_dim, in_dim, hw, hs); /* the router's logits */
         }
@@ -106,22 +96,14 @@ int moeserve_slot_lora_f32(const float *x, int64_t num_tokens, int64_t in_dim, c
             /* soft or plain: every token takes experts 0..used in order, so A x and B h run over the tokens at once
              * (as one block of rows when the adapter fills the tables' rank, else expert by expert) */
             const int64_t blocks = rp == rank ? 1 : used, rows = rp == rank ? used * rank : rp;
-            if (!outer && !(routed && full))
+            if (!outer)
                 for (int64_t e = 0; e < blocks; e++)
                     vgemm_rows(a_rows + e * rank * in_dim, rows, in_dim, xs, n, in_dim, in_dim, h + e * rank, hs);
             for (int64_t i = 0; i < n; i++)
                 for (int64_t e = 0; e < used; e++)
                     for (int64_t j = 0; j < rp; j++) h[i * hs + e * rank + j] *= gate[i * experts + e];
-            for (int64_t e = 0; e < blocks; e++) {
-                const float *be = b + e * rank * out_dim;
-                int64_t i = 0;
-                for (; i + 4 <= n; i += 4)
-                    vouter(be, rows, out_dim, h + i * hs + e * rank, hs, delta + i * out_dim, out_dim, out_dim, 4);
-                for (; i + 2 <= n; i += 2)
-                    vouter(be, rows, out_dim, h + i * hs + e * rank, hs, delta + i * out_dim, out_dim, out_dim, 2);
-                for (; i < n; i++)
-                    vouter(be, rows, out_dim, h + i * hs + e * rank, hs, delta + i * out_dim, out_dim, out_dim, 1);
-            }
+            for (int64_t e = 0; e < blocks; e++)
+                vouter_tokens(b + e * rank * out_dim, rows, out_dim, h + e * rank, hs, delta, out_dim, out_dim, n);
         } else {
             /* top-k: each token its own experts; h = gate * (A x) per gated expert, then delta = sum h B */
             for (int64_t i = 0; i < n; i++) {

@@ -22,8 +22,8 @@ static inline float hsum8(v8f v) {
 }
 
 #if defined(__AVX512F__)
-/* 32 vector registers and 16-lane FMA: the row updates below run 16 columns at a time (each element's arithmetic is
- * the same at any width), and vgemm_rows takes four tokens per block of rows. */
+/* 32 vector registers and 16-lane FMA: vouter runs 16 columns at a time (each element's arithmetic is the same at any
+ * width), and vgemm_rows takes four tokens per block of rows. */
 #define MOESERVE_AVX512 1
 typedef float v16f __attribute__((vector_size(64)));
 
@@ -133,8 +133,8 @@ static inline void vdot4x2(const float *w, int64_t ld, const float *x0, const fl
 }
 
 #ifdef MOESERVE_AVX512
-/* Four tokens per block of four rows (16 accumulators, in 32 registers) halve the reads of the rows. */
-/* vdot4x2 for four tokens: per (row, token) the same arithmetic. */
+/* vdot4x2 for four tokens (16 accumulators, in 32 registers: half the reads of the rows), per (row, token) the same
+ * arithmetic. */
 static inline void vdot4x4(const float *w, int64_t ld, const float *x, int64_t ldx, int64_t n, float *y, int64_t ldy) {
     const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
     v8f a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
@@ -210,7 +210,7 @@ static inline void vgemv(const float *w, int64_t rows, int64_t ld, const float *
 }
 
 /* y[c] += sum_j coef[j] * rows[j * ld + c] for c < n, j < n_rows: eight rows per pass over y, then four, then one.
- * (vouter below does the same for up to four vectors, keeping them in registers.) */
+ * (vouter below does the same for several vectors, keeping them in registers.) */
 #define AXPY_TERMS8(y, k)                                                                                         \
     ((((((((y) + k##0 * w0) + k##1 * w1) + k##2 * w2) + k##3 * w3) + k##4 * w4) + k##5 * w5) + k##6 * w6) + k##7 * w7
 #define AXPY_TERMS4(y, k) (((((y) + k##0 * w0) + k##1 * w1) + k##2 * w2) + k##3 * w3)
@@ -221,15 +221,6 @@ static inline void vaxpy_rows(const float *rows, int64_t n_rows, int64_t ld, con
         const float *r = rows + j * ld, *k = coef + j;
         const float c0 = k[0], c1 = k[1], c2 = k[2], c3 = k[3], c4 = k[4], c5 = k[5], c6 = k[6], c7 = k[7];
         int64_t c = 0;
-#ifdef MOESERVE_AVX512
-        for (; c + 16 <= n; c += 16) {
-            const v16f w0 = load16(r + c), w1 = load16(r + ld + c), w2 = load16(r + 2 * ld + c),
-                       w3 = load16(r + 3 * ld + c);
-            const v16f w4 = load16(r + 4 * ld + c), w5 = load16(r + 5 * ld + c), w6 = load16(r + 6 * ld + c),
-                      w7 = load16(r + 7 * ld + c);
-            store16(y + c, AXPY_TERMS8(load16(y + c), c));
-        }
-#endif
         for (; c + 8 <= n; c += 8) {
             const v8f w0 = load8(r + c), w1 = load8(r + ld + c), w2 = load8(r + 2 * ld + c), w3 = load8(r + 3 * ld + c);
             const v8f w4 = load8(r + 4 * ld + c), w5 = load8(r + 5 * ld + c), w6 = load8(r + 6 * ld + c),
@@ -246,13 +237,6 @@ static inline void vaxpy_rows(const float *rows, int64_t n_rows, int64_t ld, con
         const float *r = rows + j * ld, *k = coef + j;
         const float c0 = k[0], c1 = k[1], c2 = k[2], c3 = k[3];
         int64_t c = 0;
-#ifdef MOESERVE_AVX512
-        for (; c + 16 <= n; c += 16) {
-            const v16f w0 = load16(r + c), w1 = load16(r + ld + c), w2 = load16(r + 2 * ld + c),
-                       w3 = load16(r + 3 * ld + c);
-            store16(y + c, AXPY_TERMS4(load16(y + c), c));
-        }
-#endif
         for (; c + 8 <= n; c += 8) {
             const v8f w0 = load8(r + c), w1 = load8(r + ld + c), w2 = load8(r + 2 * ld + c), w3 = load8(r + 3 * ld + c);
             store8(y + c, AXPY_TERMS4(load8(y + c), c));
@@ -337,6 +321,16 @@ static inline __attribute__((always_inline)) void vouter(const float *rows, int6
             for (int64_t j = 0; j < n_rows; j++) a += coef[p * ldc + j] * rows[j * ld + c];
             y[p * ldy + c] = a;
         }
+}
+
+/* vouter for n_tok vectors y + p * ldy with coefficients coef + p * ldc, four at a time, then two, then one: per
+ * vector the same arithmetic whatever n_tok is. */
+static inline void vouter_tokens(const float *rows, int64_t n_rows, int64_t ld, const float *coef, int64_t ldc,
+                                 float *y, int64_t ldy, int64_t n, int64_t n_tok) {
+    int64_t p = 0;
+    for (; p + 4 <= n_tok; p += 4) vouter(rows, n_rows, ld, coef + p * ldc, ldc, y + p * ldy, ldy, n, 4);
+    for (; p + 2 <= n_tok; p += 2) vouter(rows, n_rows, ld, coef + p * ldc, ldc, y + p * ldy, ldy, n, 2);
+    for (; p < n_tok; p++) vouter(rows, n_rows, ld, coef + p * ldc, ldc, y + p * ldy, ldy, n, 1);
 }
 
 /* exp on 8 lanes: Cephes' expf (range reduction by ln 2, degree-5 polynomial), ~1 ulp on [-87, 88]. */

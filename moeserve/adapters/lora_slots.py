@@ -28,7 +28,6 @@ from moeserve.adapters.slot_batched_lora import (
     SlotPadding,
     SlotTables,
     bind_slot_lora_native,
-    native_inputs,
     native_lora_fits,
     slot_batched_lora,
     token_rows,
@@ -325,10 +324,7 @@ class AdaptedLinear(nn.Module):
             "ranks": torch.tensor([self.rank[s] for s in lora_slots], dtype=torch.int32),
         }
         if not any(r.has_router for r in routing):  # plain LoRA only
-            a = a.contiguous()
-            return SlotTables(
-                a, b.contiguous(), 1, rank, False, None, None, None, False, **native, w_in_t=native_inputs(a)
-            )
+            return SlotTables(a.contiguous(), b.contiguous(), 1, rank, False, None, None, None, False, **native)
         router = self.tables["lora_router"].index_select(0, index)[:, :experts]  # [P, E, in]; 0 where not routed
         own = torch.tensor([r.num_experts for r in routing], device=device)  # [P]
         bias = None
@@ -342,9 +338,8 @@ class AdaptedLinear(nn.Module):
         renormalize = (
             all(renorm) if all(renorm) or not any(renorm) else torch.tensor(renorm, device=device)[:, None, None]
         )
-        w_in = torch.cat([router, a], dim=1).contiguous()
         return SlotTables(
-            w_in=w_in,
+            w_in=torch.cat([router, a], dim=1).contiguous(),
             lora_b=b.contiguous(),
             num_experts=experts,
             rank=rank,
@@ -354,7 +349,6 @@ class AdaptedLinear(nn.Module):
             keep=keep,
             renormalize=renormalize,
             **native,
-            w_in_t=native_inputs(w_in),
         )
 
     def _step_tables(self, lora_slots: list[int], slots: torch.Tensor):

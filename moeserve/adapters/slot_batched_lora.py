@@ -82,12 +82,9 @@ class SlotTables:
     top_k: torch.Tensor
     renorm: torch.Tensor
     ranks: torch.Tensor
-    # [P, in, cols] float32: w_in's rows as columns, zero-padded to a multiple of 16 (native_inputs), for the native
-    # kernel's reduction-free path; None: the kernel reads w_in's rows.
-    w_in_t: torch.Tensor | None = None
 
 
-def native_inputs(w_in: torch.Tensor) -> torch.Tensor:
+def _native_inputs(w_in: torch.Tensor) -> torch.Tensor:
     """w_in [P, rows, in] laid out for the native kernel: [P, in, cols], its rows as columns, cols = rows rounded up
     to a multiple of 16 (the padding zero)."""
     num, rows, in_dim = w_in.shape
@@ -154,7 +151,8 @@ def native_lora_fits(x: torch.Tensor, tables: SlotTables, out: torch.Tensor) -> 
 def slot_lora_native(x: torch.Tensor, tables: SlotTables, token_rows: torch.Tensor | None, out: torch.Tensor) -> None:
     """Adds every token's LoRA-expert delta to out [T, out_features] in place, like slot_batched_lora, with the native
     kernel: token_rows [T] int32 is each token's adapter row in the tables (-1: none; None: every token row 0's).
-    float32 only."""
+    float32 only. It binds the call anew each time; a caller that steps the same tables keeps bind_slot_lora_native's
+    result instead."""
     bind_slot_lora_native(tables)(x.contiguous(), token_rows, out)
 
 
@@ -164,14 +162,12 @@ def bind_slot_lora_native(tables: SlotTables) -> Callable[[torch.Tensor, torch.T
     each step pays one checked foreign call."""
     fn, name = native_function("moeserve_slot_lora_f32"), "moeserve_slot_lora_f32"
     num_rows, in_dim, out_dim = tables.w_in.shape[0], tables.w_in.shape[2], tables.lora_b.shape[2]
-    w_in_t = tables.w_in_t
-    if w_in_t is not None and (w_in_t.shape[:2] != (num_rows, in_dim) or not w_in_t.is_contiguous()):
-        raise ValueError(f"w_in_t {tuple(w_in_t.shape)} is not the native layout of w_in {tuple(tables.w_in.shape)}")
+    w_in_t = _native_inputs(tables.w_in)  # [P, in, cols]: the layout of the kernel's reduction-free path
     bound = (
         tables.w_in.data_ptr(), num_rows, tables.num_experts, tables.rank, int(tables.routed),
         tables.lora_b.data_ptr(), out_dim, tables.own_experts.data_ptr(), tables.top_k.data_ptr(),
         tables.renorm.data_ptr(), tables.ranks.data_ptr(),
-        None if w_in_t is None else w_in_t.data_ptr(), 0 if w_in_t is None else w_in_t.shape[2],
+        w_in_t.data_ptr(), w_in_t.shape[2],
     )  # fmt: skip
     bad = f"an adapter row or routing outside the {num_rows} adapters of the LoRA tables"
 
@@ -185,7 +181,7 @@ def bind_slot_lora_native(tables: SlotTables) -> Callable[[torch.Tensor, torch.T
         if code != 0:
             check_native(code, name, bad)
 
-    run.tables = tables  # the pointers above stay valid while run lives
+    run.tables = tables, w_in_t  # the pointers above stay valid while run lives
     return run
 
 
