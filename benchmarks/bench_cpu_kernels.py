@@ -1,4 +1,4 @@
-"""CPU kernel benchmarks: the native kernels (kernels/csrc) against the pure-torch twins, one thread, float32.
+"""CPU kernel benchmarks: the native kernels (kernels' csrc/) against the pure-torch twins, one thread, float32.
 
 Shapes: the built-in base's MoE layer and olmoe-mini's (bench_roofline.py), decode-sized token counts, and paged
 decode attention over a scattered cache. Timings are medians of repeated calls (time.perf_counter), in microseconds.

@@ -9,8 +9,8 @@
 #   bash benchmarks/gpu_suite.sh --cpu        # the same steps on the CPU, shrunk: checks the plumbing only
 #
 # Steps: env (GPU, versions), import (moeserve importable: already, an editable install without deps, or a shim dir
-# of symlinks, since pyproject maps moeserve.kernels -> kernels/ and moeserve.training -> training/), kernels (the
-# Triton kernel tests compiled on CUDA: MOESERVE_KERNELS=triton, TRITON_INTERPRET unset; fp32 and the bf16/fp16
+# of symlinks, since pyproject maps moeserve.kernels -> kernels/moeserve_kernels/ and moeserve.training ->
+# training/), kernels (the Triton kernel tests compiled on CUDA: MOESERVE_KERNELS=triton, TRITON_INTERPRET unset; fp32 and the bf16/fp16
 # tests), parity (engine vs transformers greedy on CUDA, tiny checkpoints + the built-in base), roofline-make (a
 # random OLMoE-1B-7B-shaped checkpoint), decode (decode step times at B = 1 8 32 128 against the roofline, with the
 # engine's default: CUDA graphs for decode steps) and decode-eager (the same with --enforce-eager).
@@ -101,7 +101,8 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'
 }
 
 # moeserve importable as installed here: already; else an editable install without deps (needs setuptools, no
-# network); else a shim dir whose moeserve/ links moeserve/*, kernels/ and training/ the way pyproject maps them
+# network); else a shim dir whose moeserve/ links moeserve/*, kernels/moeserve_kernels/ and training/ the way pyproject
+# maps them
 setup_import() {
   local probe='import moeserve.kernels, moeserve.training, moeserve.engine, moeserve; print(moeserve.__file__)'
   if (cd /tmp && "$PY" -c "$probe") 2>/dev/null; then echo "moeserve already importable"; return 0; fi
@@ -111,7 +112,7 @@ setup_import() {
   local shim=$SCRATCH/shim
   rm -rf "$shim" && mkdir -p "$shim/moeserve"
   for f in "$ROOT"/moeserve/*; do ln -s "$f" "$shim/moeserve/$(basename "$f")"; done
-  ln -sfn "$ROOT/kernels" "$shim/moeserve/kernels"
+  ln -sfn "$ROOT/kernels/moeserve_kernels" "$shim/moeserve/kernels"
   ln -sfn "$ROOT/training" "$shim/moeserve/training"
   echo "$shim" >"$SCRATCH/pythonpath"
   PYTHONPATH=$shim${PYTHONPATH:+:$PYTHONPATH} "$PY" -c "$probe" && echo "shim: PYTHONPATH=$shim"

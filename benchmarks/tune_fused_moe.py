@@ -1,10 +1,12 @@
-"""Tune the fused MoE Triton kernel's tiles for one GPU and one MoE shape; write them as JSON to kernels/configs/.
+"""Tune the fused MoE Triton kernel's tiles for one GPU and one MoE shape; write them as JSON to
+kernels/moeserve_kernels/configs/.
 
 For each token count it times every tile configuration of the search space (both GEMMs of one fused MoE call, with
 random balanced routing), keeps the fastest, checks that one against the torch twin, and writes
-    kernels/configs/E=<rows>,H=<hidden>,I=<inter>,device_name=<GPU>.json
-which fused_moe_triton then picks up on that GPU (see kernels/fused_moe_config.py). Rows = router experts plus the
-ESFT overlay rows the engine allocates (--overlay-rows), since the table the kernel sees has that many rows.
+    kernels/moeserve_kernels/configs/E=<rows>,H=<hidden>,I=<inter>,device_name=<GPU>.json
+which fused_moe_triton then picks up on that GPU (see kernels/moeserve_kernels/fused_moe_config.py). Rows = router
+experts plus the ESFT overlay rows the engine allocates (--overlay-rows), since the table the kernel sees has that
+many rows.
 
 GPU only (needs CUDA and triton); --help works anywhere. Example:
     python benchmarks/tune_fused_moe.py --model olmoe-1b-7b --overlay-rows 0

@@ -1,8 +1,14 @@
-"""The native CPU kernels (kernels/csrc) against their pure-torch twins: values, batch invariance, bad input, the
-dispatchers' choice, and the fall-back to the twins when no library can be built."""
+"""The native CPU kernels (kernels' csrc/) against their pure-torch twins: values, batch invariance, bad input, the
+dispatchers' choice, and the fall-back to the twins when no library can be built.
+
+Every test runs for each instruction set in MARCHES: the library built for this CPU (-march=native: AVX-512 where it
+has it) and, on x86-64, for x86-64-v3 (AVX2 + FMA, the paths an AVX2-only CPU runs), so a machine of either kind
+checks both."""
 
 import dataclasses
 import logging
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -17,7 +23,7 @@ from moeserve.kernels.paged_decode_attention import (
     paged_decode_attention_torch,
 )
 from moeserve.kernels.rms_norm import rms_norm, rms_norm_native, rms_norm_torch
-from moeserve.kernels.rotary import rope, rope_native, rope_torch
+from moeserve.kernels.rope import rope, rope_native, rope_torch
 from moeserve.kernels.softmax_topk import softmax_topk, softmax_topk_native, softmax_topk_torch
 from moeserve.kernels.varlen_attention import store_kv
 
@@ -25,10 +31,38 @@ from moeserve.kernels.varlen_attention import store_kv
 FUSED_MOE = sys.modules["moeserve.kernels.fused_moe"]
 PAGED_ATTENTION = sys.modules["moeserve.kernels.paged_decode_attention"]
 RMS_NORM = sys.modules["moeserve.kernels.rms_norm"]
-ROTARY = sys.modules["moeserve.kernels.rotary"]
+ROTARY = sys.modules["moeserve.kernels.rope"]
 SOFTMAX_TOPK = sys.modules["moeserve.kernels.softmax_topk"]
 
 pytestmark = pytest.mark.skipif(native.native_library() is None, reason="no C compiler: the twins run instead")
+
+
+def _x86_64_v3() -> bool:
+    """Whether this CPU runs code built for x86-64-v3 (AVX2, FMA, BMI2, ...)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma", "bmi2", "movbe", "f16c"} <= set(flags.split())
+
+
+MARCHES = ["native", "x86-64-v3"] if _x86_64_v3() else ["native"]
+
+
+@pytest.fixture(autouse=True, scope="module", params=MARCHES)
+def native_march(request):
+    """The library built for request.param (MOESERVE_NATIVE_MARCH) for every test of this module."""
+    before = os.environ.get("MOESERVE_NATIVE_MARCH")
+    os.environ["MOESERVE_NATIVE_MARCH"] = request.param
+    native.native_library.cache_clear()
+    yield request.param
+    if before is None:
+        del os.environ["MOESERVE_NATIVE_MARCH"]
+    else:
+        os.environ["MOESERVE_NATIVE_MARCH"] = before
+    native.native_library.cache_clear()
 
 
 def moe_case(num_tokens, rows, experts, top_k, hidden, inter, seed=0):
@@ -411,3 +445,19 @@ def test_store_kv_writes_the_slots_and_refuses_outside_the_cache():
     assert torch.equal(cache, before)  # nothing written
     with pytest.raises(ValueError, match="values for 2 slots"):
         store_kv(cache, values, torch.tensor([1, 2]))
+
+
+def test_the_march_and_the_compiler_flags_key_the_build(monkeypatch, tmp_path):
+    """A library built for one -march is not loaded for another; GCC builds keep every multiply-add fused."""
+    import shutil
+
+    monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    monkeypatch.setenv("MOESERVE_NATIVE_MARCH", "native")
+    flags, version = native._compiler_flags(compiler)
+    assert "-march=native" in flags and ("clang" in version.lower()) == (native.GCC_FLAGS[0] not in flags)
+    first = native._build(compiler)
+    if "x86-64-v3" in MARCHES:
+        monkeypatch.setenv("MOESERVE_NATIVE_MARCH", "x86-64-v3")
+        assert "-march=x86-64-v3" in native._compiler_flags(compiler)[0]
+        assert native._build(compiler) != first

@@ -11,7 +11,7 @@ fewer experts are zero-padded (a padded expert is never routed to), so ranks and
     y = W (x * sum_i g_i(x) l[slot, i])                              IA3 experts on the input (FFN intermediate)
 
 Each slot routes with its own rule (soft softmax, or top-k with optional renormalisation). On CPU the LoRA experts
-of a step's adapters are one native call per linear in float32 (kernels/csrc/slot_lora_cpu.c), else padded into
+of a step's adapters are one native call per linear in float32 (kernels' csrc/slot_lora_cpu.c), else padded into
 batched matmuls (slot_batched_lora.py); on CUDA their routers run per slot and the delta of all tokens is one
 moe_lora call indexed by (slot, expert).
 """

@@ -1,7 +1,7 @@
 """The LoRA-expert deltas of a step's adapters, each adapter's tokens padded into a row of a batched matmul (CPU).
 
 A step of the CPU product serves a few adapters with a few tokens each (decodes). Per token and (slot, expert)
-(kernels/moe_lora.py) the work is either wasted (the dense path multiplies every token with every adapter's
+(moeserve.kernels.moe_lora) the work is either wasted (the dense path multiplies every token with every adapter's
 tables) or copied (the gather path copies A and B per assignment), and each routed adapter's router runs on its own
 tokens, op after op. Here the tokens of the P adapters present are padded to [P, Tmax] once per step, and one linear's
 routers, A and B of all P adapters are three batched matmuls over that layout:
@@ -13,7 +13,7 @@ routers, A and B of all P adapters are three batched matmuls over that layout:
 The padding costs P * Tmax - T rows of waste, so the caller uses it while that stays small (see `worth_padding`).
 The results equal the per-slot routing and moe_lora's semantics (the same softmax, top-k and sums, in fp32).
 
-In float32 the native kernel (kernels/csrc/slot_lora_cpu.c, `slot_lora_native`) takes the same tables token by
+In float32 the native kernel (moeserve.kernels' csrc/slot_lora_cpu.c, `slot_lora_native`) takes the same tables token by
 token instead: no padding, so any mix of adapters, and one call per linear.
 """
 

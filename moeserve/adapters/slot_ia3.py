@@ -1,7 +1,7 @@
 """The IA3-expert rescaling (MoV) of a step's adapters on one linear, all slots in one native call (CPU, float32).
 
 AdaptedLinear keeps each slot's IA3 vectors [S+1, E, dim] and router [S+1, E, dim]; Ia3Routing holds the routing
-of every slot as host int32 arrays, so kernels/csrc/slot_ia3_cpu.c reads them by slot. Per token of slot s:
+of every slot as host int32 arrays, so moeserve.kernels' csrc/slot_ia3_cpu.c reads them by slot. Per token of slot s:
 act *= sum_e g_e(act) l[s, e], g the softmax of the router's logits over the slot's experts (then its top k,
 renormalised where it says), or l[s, 0] for a slot without a router: AdaptedLinear._ia3_scale's semantics.
 """

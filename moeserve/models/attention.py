@@ -9,7 +9,7 @@ from moeserve.forward_context import ForwardContext, get_forward_context
 from moeserve.kernels.paged_decode_attention import paged_decode_attention
 from moeserve.kernels.varlen_attention import store_kv, varlen_attention_torch
 from moeserve.models.norm import RMSNorm
-from moeserve.models.rotary import RotaryEmbedding
+from moeserve.models.rotary_embedding import RotaryEmbedding
 from moeserve.models.spec import AttentionSpec
 
 

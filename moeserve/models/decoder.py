@@ -18,7 +18,7 @@ from moeserve.models.mla import MLAttention
 from moeserve.models.mlp import GatedMLP
 from moeserve.models.moe import SparseMoeBlock
 from moeserve.models.norm import RMSNorm
-from moeserve.models.rotary import RotaryEmbedding
+from moeserve.models.rotary_embedding import RotaryEmbedding
 from moeserve.models.spec import AttentionSpec, DenseMLPSpec, ModelSpec
 
 

@@ -19,7 +19,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from moeserve.models.decoder import DecoderForCausalLM
 from moeserve.models.registry import model_class_for
-from moeserve.models.rotary import RotaryEmbedding
+from moeserve.models.rotary_embedding import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from moeserve.forward_context import ForwardContext, adapter_rows, forward_conte
 from moeserve.kernels.paged_decode_attention import paged_decode_attention
 from moeserve.kernels.varlen_attention import kv_slots, store_kv, varlen_attention_torch
 from moeserve.models.norm import RMSNorm
-from moeserve.models.rotary import RotaryEmbedding
+from moeserve.models.rotary_embedding import RotaryEmbedding
 from moeserve.models.spec import MLASpec
 
 

@@ -1,4 +1,4 @@
-"""Rotary embedding's dispatcher: the native CPU kernel (kernels/csrc/rotary_cpu.c) for float32 half-split pairs,
+"""Rotary embedding's dispatcher: the native CPU kernel (csrc/rope_cpu.c) for float32 half-split pairs,
 else its twin, the four torch ops RotaryEmbedding documents."""
 
 from __future__ import annotations

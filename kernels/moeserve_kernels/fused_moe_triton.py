@@ -237,7 +237,7 @@ def fused_moe_triton(
 
     hidden [T, H], w13 [R, 2I, H], w2 [R, H, I] (R expert rows, overlay rows included), topk_weights [T, K] (any
     float dtype), topk_ids [T, K] int in [0, R) (not checked: a check would sync). Returns [T, H] in hidden's dtype.
-    The tile configuration comes from kernels/configs/ for this GPU and shape, else the default.
+    The tile configuration comes from configs/ for this GPU and shape, else the default.
     """
     device_name = torch.cuda.get_device_name(hidden.device) if hidden.is_cuda else None
     rows, hidden_size, inter = w2.shape

@@ -1,9 +1,17 @@
-"""The native CPU kernels (kernels/csrc/*.c): built with the machine's C compiler on first use, loaded with ctypes.
+"""The native CPU kernels (csrc/*.c): built with the machine's C compiler on first use, loaded with ctypes.
 
 As Triton compiles its launchers with the system's C compiler, this compiles plain C (no Python or torch headers, so a
-build takes about a second) with -O3 -march=native into a cache directory keyed by the sources, the compiler and the
-CPU, and loads it once per process. The kernels run on raw float32 pointers in the caller's thread (ctypes drops the
-GIL around each call).
+build takes about a second) with -O3 -march=native into a cache directory keyed by the sources, the compiler (its
+version text), the flags and the CPU, and loads it once per process. The kernels run on raw float32 pointers in the
+caller's thread (ctypes drops the GIL around each call).
+
+MOESERVE_NATIVE_MARCH picks another -march (x86-64-v3: AVX2 and FMA, what every x86-64 CI machine has); the tests
+build for it beside native, so a CPU with AVX-512 also checks the code an AVX2-only CPU runs.
+
+The kernels promise that a token's result does not depend on its batch: every code path of a vector loop does the same
+arithmetic per element, multiply-adds fused (FMA) everywhere. GCC's tuning for some CPUs (Zen, Sapphire Rapids, hybrid
+cores) splits FMAs that form an accumulation chain in some loops and not in others, which breaks that promise on
+those CPUs; `--param=avoid-fma-max-bits=0` turns the split off. Clang contracts within an expression and never splits.
 
 Without a C compiler, on a build failure, or with MOESERVE_NATIVE=0 the dispatchers run the pure-torch twins instead
 (a warning says why, once). MOESERVE_KERNELS=torch also keeps to the twins (backend.py).
@@ -32,13 +40,14 @@ SOURCES = (
     "fused_moe_cpu.c",
     "paged_attention_cpu.c",
     "rms_norm_cpu.c",
-    "rotary_cpu.c",
+    "rope_cpu.c",
     "slot_lora_cpu.c",
     "slot_ia3_cpu.c",
     "softmax_topk_cpu.c",
     "store_kv_cpu.c",
 )
-CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11")
+CFLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11")
+GCC_FLAGS = ("--param=avoid-fma-max-bits=0",)  # every multiply-add fused, whatever the tuning (see above)
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 # name -> argument types of each exported function (all return int: 0, or a negative error code).
 SIGNATURES: dict[str, tuple] = {
@@ -109,13 +118,29 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def native_march() -> str:
+    """The -march the kernels are built for: MOESERVE_NATIVE_MARCH, else native (this CPU)."""
+    return os.environ.get("MOESERVE_NATIVE_MARCH", "").strip() or "native"
+
+
+def _compiler_flags(compiler: str) -> tuple[tuple[str, ...], str]:
+    """(the flags for this compiler, its version text): GCC gets GCC_FLAGS, clang does not know them."""
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"{compiler} --version failed: {exc}") from exc
+    extra = () if "clang" in version.lower() else GCC_FLAGS
+    return (*CFLAGS, f"-march={native_march()}", *extra), version
+
+
 def _build(compiler: str) -> Path:
     src_dir = Path(__file__).parent / "csrc"
     sources = [src_dir / name for name in SOURCES]
+    flags, version = _compiler_flags(compiler)
     # Every file of csrc/, headers included: an edit to a shared header must not load a library built before it.
     inputs = [f.name.encode() + b"\0" + f.read_bytes() for f in sorted(src_dir.iterdir()) if f.suffix in (".c", ".h")]
     key = hashlib.sha256()
-    for part in (*inputs, compiler.encode(), " ".join(CFLAGS).encode(), _cpu_id().encode()):
+    for part in (*inputs, compiler.encode(), version.encode(), " ".join(flags).encode(), _cpu_id().encode()):
         key.update(part)
         key.update(b"\0")
     out = _cache_dir() / key.hexdigest()[:16] / "libmoeserve_cpu.so"
@@ -126,7 +151,7 @@ def _build(compiler: str) -> Path:
     with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        cmd = [compiler, *CFLAGS, "-o", str(partial), *map(str, sources), "-lm"]
+        cmd = [compiler, *flags, "-o", str(partial), *map(str, sources), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")

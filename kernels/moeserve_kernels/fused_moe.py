@@ -167,7 +167,7 @@ def fused_moe_native(
     topk_ids: torch.Tensor,
     activation: str = "silu",
 ) -> torch.Tensor:
-    """The native CPU kernel (kernels/csrc/fused_moe_cpu.c), same signature and semantics; float32 and SiLU only
+    """The native CPU kernel (csrc/fused_moe_cpu.c), same signature and semantics; float32 and SiLU only
     (native_fits says when it applies). Each token's result is independent of the rest of the batch."""
     if activation != "silu":
         raise ValueError(f"the native fused MoE kernel runs SiLU experts only, not {activation!r}")

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from moeserve.kernels.rotary import rope
+from moeserve.kernels.rope import rope
 from moeserve.models.spec import RopeSpec
 
 

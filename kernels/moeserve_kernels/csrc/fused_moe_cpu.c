@@ -8,7 +8,7 @@
  * Each (row, token) dot product runs the same sequence of 8-wide multiply-adds whatever the other tokens of the batch
  * are, and each token sums its experts in ascending expert order, so a token's result does not depend on the batch.
  *
- * kernels/native.py builds and loads it; kernels/fused_moe.py dispatches.
+ * native.py builds and loads it; fused_moe.py dispatches.
  */
 #include <stdint.h>
 #include <stdlib.h>

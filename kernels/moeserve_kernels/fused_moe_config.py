@@ -1,6 +1,6 @@
 """Tile configurations of the fused MoE Triton kernel: tuned values are data (JSON), looked up per shape and GPU.
 
-One file per (GPU name, R, H, I) in kernels/configs/, named like
+One file per (GPU name, R, H, I) in configs/, named like
     E=64,H=2048,I=1024,device_name=NVIDIA_H100_80GB_HBM3.json
 where E is the number of rows of the expert tables the kernel sees (router experts plus any ESFT overlay rows),
 holding {"<tokens>": {"block_m": 16, "block_n": 64, "block_k": 64, "group_m": 1, "num_warps": 4, "num_stages": 3},

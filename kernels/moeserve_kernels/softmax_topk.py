@@ -1,5 +1,5 @@
 """The softmax router's choice: scores, top-k experts and their weights per token. The native CPU kernel
-(kernels/csrc/softmax_topk_cpu.c) for float32 logits, else its twin (torch's softmax, topk, gather, division)."""
+(csrc/softmax_topk_cpu.c) for float32 logits, else its twin (torch's softmax, topk, gather, division)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RMSNorm's dispatcher: the native CPU kernel (kernels/csrc/rms_norm_cpu.c) for float32 rows, else its twin.
+"""RMSNorm's dispatcher: the native CPU kernel (csrc/rms_norm_cpu.c) for float32 rows, else its twin.
 
 On a CPU float32 tensor F.rms_norm runs as a chain of ops; a decode step calls it two to four times per layer on a
 few rows, so the dispatch overhead is most of its cost. The native kernel is one call and one pass per row.

@@ -5,7 +5,7 @@
  * with cos = (cos, cos) and sin = (-sin, sin) as RotaryEmbedding.cos_sin lays them out: one call per tensor instead
  * of torch's four ops and a roll. A token's result depends on that token only.
  *
- * kernels/native.py builds and loads it; kernels/rotary.py dispatches.
+ * native.py builds and loads it; rope.py dispatches.
  */
 #include <stdint.h>
 

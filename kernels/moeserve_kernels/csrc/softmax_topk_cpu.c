@@ -2,7 +2,7 @@
  * (largest first, ties to the lower id) and their weights, renormalised where asked: one call instead of torch's
  * softmax, topk, gather and division. A token's result depends on that token only.
  *
- * kernels/native.py builds and loads it; kernels/softmax_topk.py dispatches.
+ * native.py builds and loads it; softmax_topk.py dispatches.
  */
 #include <stdint.h>
 #include <string.h>

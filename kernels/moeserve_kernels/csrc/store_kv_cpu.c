@@ -1,7 +1,7 @@
 /* Writing a step's keys or values into the paged cache on CPU, float32: cache row slot_mapping[t] = values[t], one
  * call instead of an index_put. The slots are checked before anything is written.
  *
- * kernels/native.py builds and loads it; kernels/varlen_attention.py (store_kv) dispatches.
+ * native.py builds and loads it; varlen_attention.py (store_kv) dispatches.
  */
 #include <stdint.h>
 #include <string.h>

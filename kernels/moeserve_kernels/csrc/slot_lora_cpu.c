@@ -14,7 +14,7 @@
  *     y[t] += sum over the gated experts e, ranks j of gate[e] * (A[e, j] . x) * B[e, j, :]
  *
  * Each token's delta is summed in fp32 and added to y once; it depends only on the token and its adapter.
- * kernels/native.py builds and loads it; moeserve/adapters/slot_batched_lora.py dispatches.
+ * native.py builds and loads it; moeserve/adapters/slot_batched_lora.py dispatches.
  */
 #include <stdint.h>
 #include <stdlib.h>

@@ -3,8 +3,8 @@
  *
  * For sequence b with L = context_lens[b] and key/value head h, the G query heads of h (query head h * G + g) take
  * their scores over positions [max(0, L - window), L) in one pass over the keys, the softmax, and one pass over the
- * values. Each sequence's result depends only on its own query and cache rows. kernels/native.py builds and loads it;
- * kernels/paged_decode_attention.py dispatches.
+ * values. Each sequence's result depends only on its own query and cache rows. native.py builds and loads it;
+ * paged_decode_attention.py dispatches.
  */
 #include <math.h>
 #include <stdint.h>

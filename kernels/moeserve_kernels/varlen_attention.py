@@ -27,7 +27,7 @@ PAD_RATIO = 4.0
 
 def store_kv(cache: torch.Tensor, values: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Semantics: cache.view(N * S, ...)[slot_mapping[t]] = values[t]. cache [N, S, ...], values [T, ...].
-    On CPU in float32 one native call (kernels/csrc/store_kv_cpu.c; a slot outside the cache is an IndexError)."""
+    On CPU in float32 one native call (csrc/store_kv_cpu.c; a slot outside the cache is an IndexError)."""
     if (
         native_ready(cache)
         and values.dtype == torch.float32

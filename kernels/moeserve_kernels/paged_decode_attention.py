@@ -86,7 +86,7 @@ def paged_decode_attention_native(
     sliding_window: int | None = None,
     max_context_len: int | None = None,
 ) -> torch.Tensor:
-    """The native CPU kernel (kernels/csrc/paged_attention_cpu.c), same signature and semantics: reads keys and values
+    """The native CPU kernel (csrc/paged_attention_cpu.c), same signature and semantics: reads keys and values
     in place through the block tables, float32 only (native_attention_fits says when it applies). max_context_len
     is not needed (the kernel reads each sequence's own length)."""
     num_seqs, q_heads, head_dim = q.shape

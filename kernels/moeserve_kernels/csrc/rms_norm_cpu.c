@@ -5,7 +5,7 @@
  * it is one pass per row: the sum of squares in 8-wide lanes (one horizontal sum), then the scale. A row's result
  * depends on that row only.
  *
- * kernels/native.py builds and loads it; kernels/rms_norm.py dispatches.
+ * native.py builds and loads it; rms_norm.py dispatches.
  */
 #include <math.h>
 #include <stdint.h>

@@ -8,7 +8,7 @@
  *     gate  = its top_k[s] probabilities, renormalised where renorm[s] (top_k[s] = its expert count: soft)
  *     act[t] *= sum over the gated experts e of gate[e] * vectors[s, e]
  *
- * A token's result depends only on itself and its adapter. kernels/native.py builds and loads it;
+ * A token's result depends only on itself and its adapter. native.py builds and loads it;
  * moeserve/adapters/lora_slots.py dispatches.
  */
 #include <stdint.h>
