@@ -146,7 +146,8 @@ HOSTILE = [
     ("unknown config field", 400), ("rank differing from the tensors", 400), ("weights symlinked outside", 400),
     ("dir symlinked outside", 400), ("name already loaded", 400), ("weights larger than the limits", 400),
     ("ESFT expert out of range", 400), ("ESFT expert list mismatch", 400), ("NaN weights", 400),
-    ("PEFT IA3 type", 400), ("num_experts a bool", 400), ("alpha negative", 400),
+    ("PEFT IA3 type", 400), ("num_experts a bool", 400), ("alpha negative", 400), ("PEFT config without r", 400),
+    ("PEFT r a string", 400), ("PEFT lora_alpha a string", 400), ("PEFT target_modules a number", 400),
 ]  # fmt: skip
 
 
@@ -182,7 +183,7 @@ def _edit_config(d: Path, **fields) -> None:
 def hostile_adapters(root: Path, outside: Path) -> None:
     """Writes root/hostile/<case>: broken copies of root/molora (MoLoRA) and root/esft (ESFT); `outside` is a
     directory outside the allowed ones."""
-    molora, esft = root / "molora", root / "esft"
+    molora, esft, lora = root / "molora", root / "esft", root / "lora"
     base = root / "hostile"
 
     def copy(name: str, src: Path = molora) -> Path:
@@ -228,3 +229,10 @@ def hostile_adapters(root: Path, outside: Path) -> None:
     tensors[key][0, 0, 0] = float("nan")
     save_file(tensors, str(d / "adapter_model.safetensors"))
     _edit_config(copy("PEFT IA3 type"), peft_type="IA3")
+    d = copy("PEFT config without r", lora)
+    data = json.loads((d / "adapter_config.json").read_text())
+    del data["r"]
+    (d / "adapter_config.json").write_text(json.dumps(data))
+    _edit_config(copy("PEFT r a string", lora), r="8")
+    _edit_config(copy("PEFT lora_alpha a string", lora), lora_alpha="16")
+    _edit_config(copy("PEFT target_modules a number", lora), target_modules=7)

@@ -74,6 +74,31 @@ def test_peft_lora_adapter_logits_match_peft(tiny_dir, tmp_path, arch):
     assert (got - engine_logits(llm, None, seqs)).abs().max().item() > 1e-2
 
 
+def test_lora_adapter_naming_up_proj_alone_still_serves(tiny_dir, tmp_path):
+    """Adapters trained before PEFT 0.22 name `up_proj` bare on a model with fused experts (meaning its linears), a
+    config PEFT 0.22 now refuses without gate_proj; moeserve serves the linears its tensors name."""
+    from moeserve.training.adapter_method import MethodOptions
+    from moeserve.training.method_registry import get_method
+
+    base = tiny_dir("qwen2_moe")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    method = get_method("lora")
+    config = method.prepare(model, MethodOptions(method="lora", target_modules=["q_proj", "up_proj"]), [])
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    model.eval()
+    method.save(model, config, tmp_path / "lora")
+    write_config_field(tmp_path / "lora", target_modules=["q_proj", "up_proj"])  # as written before
+    llm = LLM(base, num_kv_blocks=64, max_model_len=128, adapters={"old": str(tmp_path / "lora")})
+    seqs = [llm.tokenizer.encode(p) for p in PROMPTS]
+    got = engine_logits(llm, "old", seqs)
+    assert (got - reference_logits(model, seqs)).abs().max().item() <= TOL
+    assert (got - engine_logits(llm, None, seqs)).abs().max().item() > 1e-2
+
+
 @pytest.fixture(scope="module")
 def olmoe_adapters(tiny_dir, tmp_path_factory):
     base = tiny_dir("olmoe")

@@ -65,7 +65,10 @@ def test_peft_loads_our_lora_adapter(tiny_dir, tmp_path, arch):
     loaded = AdapterConfig.load(tmp_path)
     assert (loaded.method, loaded.base_fingerprint) == ("lora", config.base_fingerprint)
     assert (loaded.rank, loaded.alpha) == (8, 16.0)
-    assert sorted(loaded.target_modules) == ["q_proj", "up_proj", "v_proj"]
+    # On fused experts PEFT >= 0.22 reads a bare up_proj as the experts' gate_up_proj too: linears keep their parent
+    qualified = ["mlp.up_proj", "self_attn.q_proj", "self_attn.v_proj", "shared_expert.up_proj"]
+    assert sorted(loaded.target_modules) == (qualified if arch == "qwen2_moe" else ["q_proj", "up_proj", "v_proj"])
+    assert sorted(loaded.target_modules) == sorted(config.target_modules)
 
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir(arch)), str(tmp_path)).eval()
     assert (_logits(peft) - ours).abs().max() <= 1e-5

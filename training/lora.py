@@ -46,6 +46,7 @@ class LoRAMethod:
         rank = options.rank or DEFAULT_RANK
         alpha = options.alpha if options.alpha is not None else DEFAULT_ALPHA
         modules, parameters = split_targets(model, targets)
+        modules = qualified_linear_targets(model, modules)
         if parameters and options.dropout:
             raise ValueError("LoRA on the routed experts (PEFT target_parameters) does not take --dropout")
         peft_config = LoraConfig(
@@ -57,7 +58,7 @@ class LoRAMethod:
             method="lora",
             base_model_name=model.name_or_path,
             base_fingerprint=base_fingerprint(model.config),
-            target_modules=targets,
+            target_modules=modules or parameters,  # what PEFT's config names (its target_parameters in extra)
             rank=rank,
             alpha=float(alpha),
             extra={"target_parameters": parameters} if parameters else {},
@@ -101,6 +102,27 @@ def split_targets(model: PreTrainedModel, targets: list[str]) -> tuple[list[str]
     parameters = [t for t in targets if ends(tables, t)]
     modules = [t for t in targets if ends(linears, t) or not ends(tables, t)]  # unknown names: PEFT says so
     return modules, parameters
+
+
+def qualified_linear_targets(model: PreTrainedModel, modules: list[str]) -> list[str]:
+    """PEFT target_modules that mean these linears and nothing else, under every PEFT version.
+
+    On a model whose routed experts are fused tables (transformers 5), PEFT >= 0.22 reads a bare name the way
+    transformers 4 laid the model out: `up_proj` or `gate_proj` then also means the experts' fused `gate_up_proj`, and
+    one of the two alone is refused ("Cannot convert PEFT target(s) up_proj without also targeting gate_proj"). There a
+    linear's name is written with its parent's (`shared_expert.up_proj`, `self_attn.q_proj`), which PEFT matches by
+    suffix like any target and does not convert. Dense models, names with a dot already and names that match no
+    linear (PEFT reports those) are kept as they are.
+    """
+    if not any(p.dim() == 3 for p in model.parameters()):
+        return modules
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    qualified: list[str] = []
+    for target in modules:
+        parents = [n.rsplit(".", 2)[-2:] for n in linears if "." not in target and n.endswith(f".{target}")]
+        names = sorted({".".join(p) for p in parents}) or [target]
+        qualified += [n for n in names if n not in qualified]
+    return qualified
 
 
 def _add_metadata(path: Path, config: AdapterConfig) -> None:

@@ -69,10 +69,40 @@ def read_peft_config(directory: Path) -> LoraConfig:
     return config
 
 
+def check_peft_fields(data: dict[str, Any]) -> None:
+    """The fields a LoRA adapter_config.json must have, with their JSON types: PEFT's own defaults (r = 8, alpha = 8)
+    would otherwise stand in for a missing one, and a string where a number goes would fail later, as no 400."""
+
+    def number(value: Any, integer: bool) -> bool:
+        return not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+
+    def names(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    problems = []
+    if "r" not in data or not number(data["r"], True) or data["r"] < 1:
+        problems.append(f"'r' must be a positive integer, got {data.get('r', 'nothing')!r}")
+    if "lora_alpha" not in data or not number(data["lora_alpha"], False):
+        problems.append(f"'lora_alpha' must be a number, got {data.get('lora_alpha', 'nothing')!r}")
+    targets, parameters = data.get("target_modules"), data.get("target_parameters")
+    if parameters is not None and not names(parameters):
+        problems.append(f"'target_parameters' must be a list of names, got {parameters!r}")
+    if "target_modules" not in data or not (
+        names(targets) or isinstance(targets, str) or (targets is None and names(parameters) and parameters)
+    ):
+        problems.append(
+            "'target_modules' must be a list of module names or a regex string (null only beside target_parameters),"
+            f" got {data.get('target_modules', 'nothing')!r}"
+        )
+    if problems:
+        raise AdapterError("PEFT adapter_config.json: " + "; ".join(problems))
+
+
 def adapter_config_from_peft(data: dict[str, Any], directory: Path, meta: dict[str, str]) -> AdapterConfig:
     """AdapterConfig of a PEFT adapter directory (moeserve's own fields from the safetensors metadata, if any)."""
     if data.get("peft_type") != "LORA":
         raise AdapterError(f"PEFT adapter type {data.get('peft_type')!r} is not supported; only LORA is")
+    check_peft_fields(data)
     config = read_peft_config(directory)
     targets = config.target_modules or []
     extra = {"target_parameters": sorted(config.target_parameters or [])} if config.target_parameters else {}
