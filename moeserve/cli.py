@@ -90,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         enable_adapter_loading=args.enable_adapter_loading,
         allowed_adapter_dirs=list(args.allowed_adapter_dir),
         shutdown_timeout=args.shutdown_timeout,
+        **({} if args.engine_stall_timeout is None else {"engine_stall_timeout": args.engine_stall_timeout}),
         allowed_origins=args.allowed_origins,
         allowed_methods=args.allowed_methods,
         allowed_headers=args.allowed_headers,
@@ -169,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--max-waiting", type=int, default=None, help="refuse requests (429) beyond this many waiting")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get on shutdown")
+    srv.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=None,
+        help="seconds the engine core may make no progress with work to do before it is restarted (its requests: "
+        "503; default: ServerConfig's, 300)",
+    )
     for flag, what in (("origins", "origins"), ("methods", "HTTP methods"), ("headers", "request headers")):
         srv.add_argument(
             f"--allowed-{flag}",

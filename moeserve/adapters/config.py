@@ -20,6 +20,8 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from transformers import PreTrainedConfig
 
+from moeserve.errors import ErrorKind
+
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -59,6 +61,8 @@ _VOLATILE = {
 
 class AdapterError(ValueError):
     """An adapter directory that cannot be used as asked (corrupt, unsupported, or for another base model)."""
+
+    kind = ErrorKind.ADAPTER_INVALID
 
 
 class AdapterMismatchError(AdapterError):

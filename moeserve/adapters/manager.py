@@ -32,6 +32,7 @@ from moeserve.adapters.expert_overlay import ExpertOverlay
 from moeserve.adapters.lora_slots import AdaptedLinear
 from moeserve.adapters.router_lora_slots import RouterLoRASlots
 from moeserve.adapters.weights import AdapterFiles, LoadedAdapter, build_adapter, load_adapter, read_adapter_files
+from moeserve.errors import ErrorKind
 from moeserve.models.decoder import DecoderForCausalLM
 from moeserve.models.moe import SparseMoeBlock
 
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 class UnknownAdapterError(KeyError):
     """No adapter is registered under that name."""
+
+    kind = ErrorKind.ADAPTER_NOT_FOUND
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown adapter"

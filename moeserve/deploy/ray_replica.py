@@ -82,7 +82,9 @@ def engine_replica_class(max_resident: int) -> type:
     class EngineReplica:
         async def __init__(self, engine_config: EngineConfig, server_config: ServerConfig, max_waiting: int | None):
             # Adapters come later, one by one, as requests for them arrive (resident_adapter).
-            self.engine = AsyncEngine(engine_config, None, max_waiting=max_waiting)
+            self.engine = AsyncEngine(
+                engine_config, None, max_waiting=max_waiting, stall_timeout=server_config.engine_stall_timeout
+            )
             self.app = build_app(self.engine, server_config)
             self._lifespan = self.app.router.lifespan_context(self.app)
             await self._lifespan.__aenter__()

@@ -14,9 +14,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 
+from moeserve.errors import ErrorKind
+
 
 class NoFreeBlocksError(RuntimeError):
-    pass
+    """The KV cache has no free block left (the scheduler's bug if a step meets it): the engine's error."""
+
+    kind = ErrorKind.ENGINE
 
 
 class BlockPool:

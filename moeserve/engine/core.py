@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
@@ -113,12 +114,20 @@ class EngineCore:
                 dropped[name] = str(exc)
         return dropped
 
-    def add_request(self, request: EngineCoreRequest) -> None:
-        """Queues the request; UnknownAdapterError if its adapter is not registered."""
+    def compile_grammar(self, request: EngineCoreRequest) -> Any:
+        """The request's grammar matcher (None without structured outputs); ValueError for a bad grammar. Safe to
+        call off the stepping thread: the core process compiles on its input thread, so a first schema never stalls
+        a step."""
+        spec = request.params.structured_outputs
+        return self._structured().matcher(spec) if spec is not None else None
+
+    def add_request(self, request: EngineCoreRequest, grammar: Any = None) -> None:
+        """Queues the request (with its grammar matcher, if compile_grammar already made it); UnknownAdapterError if
+        its adapter is not registered."""
         if request.request_id in self.scheduler.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        spec = request.params.structured_outputs
-        grammar = self._structured().matcher(spec) if spec is not None else None  # ValueError: a bad grammar
+        if grammar is None:
+            grammar = self.compile_grammar(request)
         ref = self.adapters.acquire(request.adapter) if request.adapter is not None else None
         seq = Sequence(
             request.request_id,

@@ -11,10 +11,13 @@ from dataclasses import dataclass, field
 
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.sequence import TokenLogprobs
+from moeserve.errors import ErrorKind
 
 
 class StepFailedError(RuntimeError):
     """The step a request was part of failed (not the request's own fault): the server's error, a 500."""
+
+    kind = ErrorKind.ENGINE
 
 
 @dataclass
@@ -38,7 +41,7 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     first_scheduled_time: float | None = None
     error: str | None = None  # the request failed in the core (an unknown adapter, ...): it is finished
-    error_kind: str | None = None  # the exception's class name, for the front end's status code
+    error_kind: ErrorKind | None = None  # what kind of failure error is (its HTTP status at the front end)
     # The prompt's logprobs (one per prompt token, the first None), once, with the request's first output.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
 

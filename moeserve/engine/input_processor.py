@@ -11,6 +11,7 @@ import time
 
 from moeserve.engine.core_messages import EngineCoreRequest
 from moeserve.engine.sampling_params import SamplingParams
+from moeserve.errors import ErrorKind
 
 
 def max_token_bytes(tokenizer) -> int:
@@ -21,6 +22,8 @@ def max_token_bytes(tokenizer) -> int:
 
 class PromptTooLongError(ValueError):
     """The prompt (with what it asks to generate) does not fit the model's context."""
+
+    kind = ErrorKind.BAD_REQUEST
 
 
 class InputProcessor:

@@ -19,6 +19,7 @@ from moeserve.engine.core_messages import EngineCoreOutput
 from moeserve.engine.kv_cache_manager import KVCacheManager
 from moeserve.engine.sequence import Sequence, SequenceStatus, TokenLogprobs
 from moeserve.engine.structured_output import grammar_finished
+from moeserve.errors import kind_of
 
 
 class AdapterSlots(Protocol):
@@ -216,7 +217,7 @@ class Scheduler:
         """Ends seq with an error that is its own (its adapter, its step): blocks and adapter freed, the error
         reported in the next outputs (take_failed), every other sequence untouched."""
         self.finish(seq, "error")
-        self.failed.append(EngineCoreOutput(seq.request_id, [], error=str(exc), error_kind=type(exc).__name__))
+        self.failed.append(EngineCoreOutput(seq.request_id, [], error=str(exc), error_kind=kind_of(exc)))
 
     def take_failed(self) -> list[EngineCoreOutput]:
         failed, self.failed = self.failed, []

@@ -1,11 +1,14 @@
 """The front end's side of the engine: requests in, streamed outputs back, with the engine core in its own process.
 
 Tokenizing, checking requests and detokenizing happen here, in the server's process; scheduling, the model and
-sampling in the core's (moeserve.engine.core_process). The pipe to the core is read by the event loop itself
-(`add_reader`), so every piece of front-end state is touched by one thread and needs no lock.
+sampling in the core's (moeserve.engine.core_process). The channel to the core (moeserve.engine.core_channel) is an
+asyncio stream on the event loop: writes are buffered and never block the loop, a reader task takes the core's
+messages, and every piece of front-end state is touched by the loop's thread alone.
 
-The front end watches the core: when its process dies, every request in flight ends with EngineDeadError, a new core
-is started with the adapters registered at that moment, and requests that arrive meanwhile wait for it.
+The front end watches the core: when its process dies, or while it has work stops making progress for
+`stall_timeout` seconds (no message at all, or one iteration of its busy loop running that long: a wedge of any
+cause), every request in flight ends with EngineDeadError, the core is killed and a new one started with the adapters
+registered at that moment; requests that arrive meanwhile wait for it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,12 +28,25 @@ from transformers import AutoTokenizer
 from moeserve.adapters.config import AdapterError
 from moeserve.adapters.manager import AdapterInfo, UnknownAdapterError
 from moeserve.engine.config import EngineConfig
+from moeserve.engine.core_channel import (
+    AbortRequests,
+    AddRequest,
+    CallResult,
+    CoreCall,
+    CoreInfo,
+    Heartbeat,
+    Message,
+    StepOutputs,
+    encode,
+    read_message,
+)
 from moeserve.engine.core_messages import EngineCoreOutputs, SchedulerStats, StepFailedError
-from moeserve.engine.core_process import CoreInfo, start_core_process
+from moeserve.engine.core_process import run_engine_core, start_core_process
 from moeserve.engine.input_processor import InputProcessor
 from moeserve.engine.output_processor import OutputProcessor
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
+from moeserve.errors import ErrorKind, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +54,13 @@ logger = logging.getLogger(__name__)
 class QueueFullError(RuntimeError):
     """The waiting queue is at --max-waiting: the request is refused, not queued."""
 
+    kind = ErrorKind.QUEUE_FULL
+
 
 class EngineDeadError(RuntimeError):
     """The core is down, restarting, or the server is shutting down: a 503."""
+
+    kind = ErrorKind.UNAVAILABLE
 
 
 @dataclass
@@ -50,13 +70,15 @@ class _Cut:
     error: Exception
 
 
-# The core's per-request errors (EngineCoreOutput.error_kind) as the front end raises them; others are ValueErrors.
-_ERROR_KINDS: dict[str, type[Exception]] = {
-    "UnknownAdapterError": UnknownAdapterError,
-    "AdapterError": AdapterError,
-    "AdapterChangedError": AdapterError,
-    "StepFailedError": StepFailedError,
-}
+def error_from_core(kind: ErrorKind | None, message: str) -> Exception:
+    """A failure the core reported (its kind and message) as the front end raises it: the adapter kinds as the
+    adapter errors the routes already answer, the others as RequestError of that kind; no kind is the engine's."""
+    kind = kind if isinstance(kind, ErrorKind) else ErrorKind.ENGINE
+    if kind is ErrorKind.ADAPTER_INVALID:
+        return AdapterError(message)
+    if kind is ErrorKind.ADAPTER_NOT_FOUND:
+        return UnknownAdapterError(message)
+    return RequestError(kind, message)
 
 
 class AsyncEngine:
@@ -66,10 +88,17 @@ class AsyncEngine:
         adapters: dict[str, Path] | None = None,
         max_waiting: int | None = None,
         start_timeout: float = 600.0,
+        stall_timeout: float = 300.0,
+        core_target=run_engine_core,
     ) -> None:
+        """stall_timeout: how long the core may go without a message, or one busy-loop iteration (a step) may run,
+        while requests or calls are in flight, before it counts as wedged and is restarted. core_target: the core
+        process's entry point (tests inject faults through it)."""
         self.config = config
         self.max_waiting = max_waiting
         self.start_timeout = start_timeout
+        self.stall_timeout = stall_timeout
+        self.core_target = core_target
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         # name -> path of every registered adapter, in registration order: what a restarted core loads.
         self.adapters: dict[str, Path] = {name: Path(path) for name, path in (adapters or {}).items()}
@@ -84,6 +113,12 @@ class AsyncEngine:
         self._call_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Event | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._last_message = 0.0  # time.monotonic() of the core's last message
+        self._busy_since: float | None = None  # the core's busy loop mid-iteration since then (its heartbeats)
+        self._wedged: str | None = None  # why the watchdog killed the core
         self._error: str | None = None  # why the core is down (None while it serves)
         self._closing = False
         self._draining = False  # shutting down: new requests are refused
@@ -93,7 +128,7 @@ class AsyncEngine:
 
     def _spawn(self) -> None:
         adapters = [(name, str(path), self._digests.get(name)) for name, path in self.adapters.items()]
-        self.proc, self.conn, info = start_core_process(self.config, adapters, self.start_timeout)
+        self.proc, self.sock, info = start_core_process(self.config, adapters, self.start_timeout, self.core_target)
         self.info: CoreInfo = info
         self._digests.update(info.adapter_digests)
         for name, reason in info.dropped_adapters.items():  # changed on disk since: never served under that name
@@ -111,47 +146,68 @@ class AsyncEngine:
         return self._error
 
     async def start(self) -> None:
-        """Attaches the pipe to the running event loop (the server's lifespan calls this)."""
+        """Attaches the channel to the running event loop (the server's lifespan calls this)."""
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
-        self._attach()
+        await self._attach()
+        self._watchdog = self._loop.create_task(self._watch())
 
-    def _attach(self) -> None:
-        self._loop.add_reader(self.conn.fileno(), self._on_readable)
-        # uvloop (libuv) makes a polled fd non-blocking, and multiprocessing's framed messages need whole writes
-        # and reads: a burst that fills the pipe while the core is mid-step would fail (EAGAIN) or tear a
-        # message. Kept blocking, as under asyncio's own loop, a full pipe holds the sender until the core reads.
-        os.set_blocking(self.conn.fileno(), True)
+    async def _attach(self) -> None:
+        reader, self._writer = await asyncio.open_unix_connection(sock=self.sock, limit=2**20)
+        self._last_message, self._busy_since, self._wedged = time.monotonic(), None, None
+        self._reader_task = self._loop.create_task(self._read(reader))
         self._error = None
         self._ready.set()
 
-    def _on_readable(self) -> None:
+    async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
-            while self.conn.poll(0):
-                self._on_message(self.conn.recv())
+            while True:
+                self._on_message(await read_message(reader))
         except (EOFError, OSError):
             self._on_core_death()
 
-    def _on_message(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "outputs":
-            self._on_outputs(message[1])
-        elif kind == "result":
-            _, call_id, ok, value = message
-            fut = self._calls.pop(call_id, None)
+    def _on_message(self, message: Message) -> None:
+        self._last_message = time.monotonic()
+        if isinstance(message, StepOutputs):
+            self._busy_since = None  # an iteration finished
+            self._on_outputs(message.outputs)
+        elif isinstance(message, Heartbeat):
+            self._busy_since = message.busy_since
+        elif isinstance(message, CallResult):
+            fut = self._calls.pop(message.call_id, None)
             if fut is not None and not fut.done():
-                fut.set_result(value) if ok else fut.set_exception(value)
+                if message.error is None:
+                    fut.set_result(message.value)
+                else:
+                    fut.set_exception(error_from_core(message.error.kind, message.error.message))
+
+    async def _watch(self) -> None:
+        """Kills a core that has work and makes no progress for stall_timeout seconds; its death restarts it."""
+        while not self._closing:
+            await asyncio.sleep(min(1.0, self.stall_timeout / 4))
+            if not self._ready.is_set() or not (self._streams or self._calls):
+                continue
+            now = time.monotonic()
+            silent = now - self._last_message
+            busy = now - self._busy_since if self._busy_since is not None else 0.0
+            if max(silent, busy) > self.stall_timeout and self.proc.is_alive():
+                self._wedged = (
+                    f"the engine core made no progress for {max(silent, busy):.0f} s with work to do "
+                    f"({'no message' if silent >= busy else 'one step running'}); it was killed"
+                )
+                logger.error("%s: restarting it", self._wedged)
+                self.proc.kill()  # the reader sees the channel close: _on_core_death
 
     def _on_outputs(self, step: EngineCoreOutputs) -> None:
         for out in step.outputs:
-            if out.error is not None:  # the core refused this request alone
+            if out.error is not None:  # the core refused or failed this request alone
                 self.outputs.abort(out.request_id)
                 stream = self._streams.pop(out.request_id, None)
                 if stream is not None:
-                    stream.put_nowait(_ERROR_KINDS.get(out.error_kind or "", ValueError)(out.error))
+                    stream.put_nowait(error_from_core(out.error_kind, out.error))
         results, stopped = self.outputs.process(step.outputs, time.monotonic())
         if stopped:
-            self._send(("abort", stopped))
+            self._send(AbortRequests(stopped))
         if step.stats is not None:
             self.stats = step.stats
         if self.on_step is not None:
@@ -165,9 +221,12 @@ class AsyncEngine:
             stream.put_nowait(out if out.error is None else StepFailedError(out.error))  # detokenizing failed
 
     def _on_core_death(self) -> None:
-        self._loop.remove_reader(self.conn.fileno())
-        self.proc.join(timeout=5)
-        reason = f"the engine core process died (exit code {self.proc.exitcode})"
+        self._writer.close()
+        self.proc.join(timeout=2)
+        if self.proc.is_alive():  # its channel closed but the process lingers: it cannot serve any more
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        reason = self._wedged or f"the engine core process died (exit code {self.proc.exitcode})"
         self._error = reason
         self._ready.clear()
         for request_id, stream in self._streams.items():
@@ -190,16 +249,16 @@ class AsyncEngine:
             logger.error(self._error)
             return
         self.restarts += 1
-        self._attach()
+        await self._attach()
         logger.info("engine core restarted (pid %d)", self.info.pid)
 
-    def _send(self, message: tuple) -> None:
+    def _send(self, message: Message) -> None:
+        """Queues the message on the channel's buffer: never blocks the event loop, whatever the core is doing."""
         if self._error is not None:
             raise EngineDeadError(self._error)
-        try:
-            self.conn.send(message)
-        except (BrokenPipeError, OSError) as exc:
-            raise EngineDeadError(f"the engine core is unreachable: {exc}") from exc
+        if self._writer is None or self._writer.is_closing():
+            raise EngineDeadError("the engine core is unreachable")
+        self._writer.write(encode(message))
 
     async def _wait_ready(self, timeout: float = 60.0) -> None:
         if self._ready.is_set():
@@ -215,7 +274,7 @@ class AsyncEngine:
         call_id = next(self._call_ids)
         fut = self._loop.create_future()
         self._calls[call_id] = fut
-        self._send(("call", call_id, method, args))
+        self._send(CoreCall(call_id, method, args))
         return await fut
 
     # --- adapters, mirrored here so requests are checked without a round trip ---
@@ -269,7 +328,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = self.inputs.process(request_id, prompt, params, adapter)
         stream: asyncio.Queue = asyncio.Queue()
-        self._send(("add", request))
+        self._send(AddRequest(request))
         self._streams[request_id] = stream
         self.outputs.add(request, prompt if isinstance(prompt, str) else prompt_text, index)
         finished = False
@@ -293,7 +352,7 @@ class AsyncEngine:
                     self.on_abort(request_id)
                 if self._error is None:
                     try:
-                        self._send(("abort", [request_id]))
+                        self._send(AbortRequests([request_id]))
                     except EngineDeadError:
                         pass  # the core died meanwhile: nothing of the request is left there
 
@@ -312,18 +371,20 @@ class AsyncEngine:
             await asyncio.sleep(0.01)
 
     def shutdown(self) -> None:
+        """Stops the core: its end of the channel closes, it returns; killed if it has not within 10 s."""
         self._closing = True
-        if self._loop is not None and not self._loop.is_closed():
-            try:
-                self._loop.remove_reader(self.conn.fileno())
-            except (ValueError, OSError):
-                pass
+        for task in (self._reader_task, self._watchdog):
+            if task is not None and not task.done():
+                task.cancel()
         try:
-            self.conn.send(("shutdown",))
-        except (BrokenPipeError, OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
             pass
         self.proc.join(timeout=10)
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(timeout=5)
-        self.conn.close()
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self.sock.close()

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from moeserve.errors import ErrorKind, kind_of
 from moeserve.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,18 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.param = param
+
+
+def api_error_of(exc: BaseException) -> APIError | None:
+    """The one mapper from a failure to its HTTP answer: an exception's ErrorKind (moeserve.errors) gives the status;
+    None for an exception of no kind (a bug of ours: the 500 handler logs its traceback)."""
+    if isinstance(exc, APIError):
+        return exc
+    kind = kind_of(exc)
+    if kind is ErrorKind.ENGINE and getattr(exc, "kind", None) is None:
+        return None
+    adapter = kind in (ErrorKind.ADAPTER_INVALID, ErrorKind.ADAPTER_NOT_FOUND)
+    return APIError(kind.status, str(exc).strip("'\""), "model" if adapter else None)
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict:
@@ -80,6 +93,10 @@ async def http_error_handler(_: Request, exc: StarletteHTTPException) -> JSONRes
 
 
 async def internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    """A bug of ours: the client gets an OpenAI-shaped 500, the log gets the traceback."""
+    """An exception that says its kind (the engine's RequestError, ...) gets that kind's status; anything else is a bug
+    of ours: the client gets an OpenAI-shaped 500, the log gets the traceback."""
+    mapped = api_error_of(exc)
+    if mapped is not None:
+        return error_response(mapped.status, mapped.message, mapped.param)
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, f"internal server error: {type(exc).__name__}")

@@ -22,9 +22,14 @@ def build_server(
     server_config: ServerConfig,
     adapters: dict[str, Path] | None = None,
     max_waiting: int | None = None,
+    **engine_kw,
 ):
-    """The app, with its engine core already started in its own process (adapters registered there)."""
-    return build_app(AsyncEngine(engine_config, adapters, max_waiting=max_waiting), server_config)
+    """The app, with its engine core already started in its own process (adapters registered there). engine_kw:
+    AsyncEngine's other keywords (core_target: tests inject faults into the core through it)."""
+    engine = AsyncEngine(
+        engine_config, adapters, max_waiting=max_waiting, stall_timeout=server_config.engine_stall_timeout, **engine_kw
+    )
+    return build_app(engine, server_config)
 
 
 # What uvicorn still waits for connections after the engine's drain has ended every request (their last bytes).

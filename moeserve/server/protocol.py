@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from moeserve.engine.sampling_params import SamplingParams, StructuredOutputsParams
+from moeserve.errors import ErrorKind
 
 # Bounds on what one request may ask for (vLLM's where it has one): each keeps a request's cost proportional to what
 # the server is configured for, and turns absurd values into a 400 before anything is allocated.
@@ -71,6 +72,8 @@ class StructuredOutputsRequest(_Model):
 
 class FieldError(ValueError):
     """A request field's value cannot be used; `field` names it for the 400."""
+
+    kind = ErrorKind.BAD_REQUEST
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")

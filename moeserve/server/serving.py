@@ -10,17 +10,14 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from moeserve.adapters.config import AdapterError
-from moeserve.adapters.manager import UnknownAdapterError
-from moeserve.engine.core_messages import StepFailedError
 from moeserve.engine.input_processor import PromptTooLongError
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.sequence import TokenLogprobs
 from moeserve.server import unsupported
-from moeserve.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from moeserve.server.async_engine import AsyncEngine
 from moeserve.server.chat_tools import ToolPlan, plan_tools
-from moeserve.server.errors import APIError, error_body
+from moeserve.server.errors import APIError, api_error_of, error_body
 from moeserve.server.logprobs import LogprobFormatter
 from moeserve.server.protocol import (
     ChatChoice,
@@ -549,19 +546,5 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
 
 
 def _api_error(exc: BaseException) -> BaseException:
-    """Engine-side failures, in HTTP terms."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, QueueFullError):
-        return APIError(429, str(exc))
-    if isinstance(exc, EngineDeadError):
-        return APIError(503, str(exc))
-    if isinstance(exc, StepFailedError):  # the engine's fault, not the request's
-        return APIError(500, str(exc))
-    if isinstance(exc, AdapterError):  # its files changed or vanished since it was loaded
-        return APIError(400, str(exc), "model")
-    if isinstance(exc, UnknownAdapterError):
-        return APIError(404, str(exc).strip("'\""), "model")
-    if isinstance(exc, ValueError):  # AdapterError included: the adapter cannot be used as asked
-        return APIError(400, str(exc))
-    return exc
+    """Engine-side failures in HTTP terms (server/errors.api_error_of); a bug of ours stays itself (a logged 500)."""
+    return api_error_of(exc) or exc
