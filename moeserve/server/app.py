@@ -143,6 +143,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             await engine.drain(config.shutdown_timeout)
         finally:
             engine.shutdown()
+            gc.unfreeze()  # an app served in a larger process (tests, Ray) gives its heap back to the collector
 
     app = FastAPI(title="moeserve", version=__version__, lifespan=lifespan)
     app.state.async_engine = engine
@@ -234,7 +235,7 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
-        return tokenization.tokenize(req)
+        return await tokenization.tokenize(req)
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
     async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
