@@ -38,7 +38,7 @@ from moeserve.server.protocol import (
 logger = logging.getLogger(__name__)
 
 # Prompts longer than this (characters) are tokenized in a worker thread, so the event loop keeps streaming others.
-_TOKENIZE_INLINE_CHARS = 4096
+TOKENIZE_INLINE_CHARS = 4096
 
 
 class OpenAIServing:
@@ -93,7 +93,7 @@ class OpenAIServing:
         """Token ids of a text prompt, after the cheap size bound; long texts in a worker thread."""
         inputs = self.engine.inputs
         try:
-            if len(text) <= _TOKENIZE_INLINE_CHARS:
+            if len(text) <= TOKENIZE_INLINE_CHARS:
                 return inputs.tokenize(text, add_special_tokens)
             inputs.check_text_size(text)
             return await asyncio.to_thread(inputs.tokenize, text, add_special_tokens)
