@@ -172,6 +172,19 @@ def test_streamed_deltas_rebuild_the_text_across_multibyte_characters(llm):
     assert "".join(pieces) == text
 
 
+def test_outputs_before_the_last_carry_deltas_and_the_last_the_whole_text(llm):
+    """Each step costs its new tokens: the text is joined once, on the final output; the deltas rebuild it."""
+    engine = llm.engine
+    engine.add_request("deltas", PROMPTS[0], greedy(12))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.request_id == "deltas"]
+    assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+    assert all(o.outputs[0].text == "" for o in outs[:-1])
+    assert "".join(o.new_text for o in outs) == outs[-1].outputs[0].text != ""
+    assert outs[-1].outputs[0].text == llm.generate(PROMPTS[0], greedy(12))[0].outputs[0].text
+
+
 def test_stop_string_split_across_tokens_is_never_streamed(llm):
     tok = llm.tokenizer
     ids = tok.encode("alpha beta STOP gamma")

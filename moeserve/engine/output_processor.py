@@ -96,7 +96,7 @@ class OutputProcessor:
             outputs=[
                 CompletionOutput(
                     index=state.index,
-                    text=state.detokenizer.text,
+                    text=state.detokenizer.text if reason is not None else "",  # joined once, at the end
                     token_ids=state.token_ids,
                     finish_reason=reason,
                     stop_reason=stop_reason,

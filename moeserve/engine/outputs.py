@@ -1,7 +1,8 @@
 """What the engine returns for a request after each step: the delta for streaming, and the request so far.
 
-The cumulative fields (`text`, `token_ids`, `logprobs`) are the request's own growing state, shared rather than copied
-at every step, so streaming costs O(new tokens): read them, do not mutate them.
+The cumulative fields (`token_ids`, `logprobs`) are the request's own growing state, shared rather than copied at
+every step, so streaming costs O(new tokens): read them, do not mutate them. `text`, which would have to be joined
+anew at every step, is the whole text on the request's final output and "" before it: a stream reads `new_text`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from moeserve.engine.sequence import TokenLogprobs
 @dataclass
 class CompletionOutput:
     index: int  # which of the prompt's n completions
-    text: str
+    text: str  # the whole text on the final output, "" before it (streams read RequestOutput.new_text)
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "abort"; None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
