@@ -37,3 +37,26 @@ def test_decode_step_positions_and_slots(tiny_dir):
         assert inp.context.slot_mapping.tolist() == want
         assert inp.input_ids.tolist() == [s.token_ids[p] for s, p in zip(seqs, pos)]
         core.scheduler.update_from_output(batch, core.runner.execute(batch))
+
+
+def test_growing_ids_convert_only_what_was_appended_and_start_over_on_a_new_list():
+    """The runner's block tables and the sampler's seen tokens: a list appended to is mirrored by diff; a list
+    replaced (a preempted sequence's new block table) or cut shorter is mirrored afresh."""
+    from moeserve.engine.growing_ids import GrowingIds
+
+    mirror = GrowingIds(torch.device("cpu"), torch.int32)
+    table = [5, 9]
+    assert mirror.update(table).tolist() == [5, 9]
+    table += [2] * 70  # past the first capacity (64): the buffer grows, its ids kept
+    assert mirror.update(table).tolist() == [5, 9] + [2] * 70 and mirror.length == 72
+    table = [7]  # preempted, readmitted: a new list
+    assert mirror.update(table).tolist() == [7]
+    table.append(8)
+    assert mirror.update(table).tolist() == [7, 8]
+    del table[1:]
+    assert mirror.update(table).tolist() == [7]
+    with torch.inference_mode():  # the runner's mode: the same buffer is updated in it and out of it
+        table.append(3)
+        assert mirror.update(table).tolist() == [7, 3]
+    table.append(4)
+    assert mirror.update(table).tolist() == [7, 3, 4]

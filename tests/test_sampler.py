@@ -60,6 +60,32 @@ def test_batched_penalties_equal_the_per_row_reference():
     assert untouched and torch.equal(got[untouched], logits[untouched])
 
 
+def test_penalties_over_steps_read_the_tokens_uploaded_by_diff(monkeypatch):
+    """Step after step the penalties equal the reference, and each step uploads only the tokens gained since."""
+    from moeserve.engine.growing_ids import GrowingIds
+
+    uploaded = []
+    update = GrowingIds.update
+
+    def counting_update(self, token_ids):
+        uploaded.append(len(token_ids) - self.length)
+        return update(self, token_ids)
+
+    monkeypatch.setattr(GrowingIds, "update", counting_update)
+    gen = torch.Generator().manual_seed(1)
+    seqs = [make_seq(range(i, i + 20), repetition_penalty=1.3, frequency_penalty=0.5) for i in range(3)]
+    for step in range(6):
+        uploaded.clear()
+        logits = torch.randn(len(seqs), V, generator=gen) * 3
+        got = apply_penalties(logits.clone(), seqs)
+        torch.testing.assert_close(got, reference_penalties(logits.clone(), seqs), rtol=0, atol=0)
+        # the whole prompt once (no output yet: the repetition penalty alone); then the token each row gained, for
+        # the repetition penalty, and nothing new for the frequency penalty that reads the same buffer after it
+        assert uploaded == ([20] * 3 if step == 0 else [1] * 3 + [0] * 3), uploaded
+        for seq in seqs:
+            seq.append_token(int(torch.randint(0, V, (1,), generator=gen)))
+
+
 def run_steps(sampler: Sampler, seqs: list[Sequence], logits: list[torch.Tensor], row: int) -> list[int]:
     """Samples len(logits) steps for all seqs (logits[step] [n, V]); returns what row `row` drew."""
     drawn = []

@@ -15,6 +15,7 @@ from itertools import accumulate, chain
 import torch
 
 from moeserve.engine.cuda_graphs import DecodeGraphs, cuda_graph_capture
+from moeserve.engine.growing_ids import GrowingIds
 from moeserve.engine.kv_cache_tensors import allocate_kv_cache
 from moeserve.engine.prompt_logprobs import PromptLogprobRows, plan_prompt_logprobs, score_prompt_tokens
 from moeserve.engine.sampler import Sampler
@@ -48,6 +49,13 @@ def token_groups(seq_slots: list[int], query_lens: list[int]) -> dict[int, torch
 def decodes_first(scheduled: list[ScheduledSeq]) -> list[ScheduledSeq]:
     """The step's sequences with the one-token rows (decodes) first, each kind in scheduling order."""
     return [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens != 1]
+
+
+def _table(seq: Sequence) -> torch.Tensor:
+    """The sequence's block table [blocks] as int32, converted by diff (GrowingIds) rather than rebuilt each step."""
+    if seq.table_ids is None:
+        seq.table_ids = GrowingIds(torch.device("cpu"), torch.int32)
+    return seq.table_ids.update(seq.block_table)
 
 
 class ModelRunner:
@@ -89,12 +97,7 @@ class ModelRunner:
         ids = list(chain.from_iterable(s.token_ids[a:b] for s, a, b in zip(seqs, starts, kv_lens)))
         num_seqs, num_tokens = len(seqs), len(ids)
 
-        table_lens = torch.tensor([len(s.block_table) for s in seqs])  # [B]
-        max_blocks = int(table_lens.max())
-        tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)  # [B, M]
-        tables[torch.arange(max_blocks)[None, :] < table_lens[:, None]] = torch.tensor(
-            list(chain.from_iterable(s.block_table for s in seqs)), dtype=torch.int32
-        )
+        tables = torch.nn.utils.rnn.pad_sequence([_table(s) for s in seqs], batch_first=True)  # [B, M], 0-padded
         if num_tokens == num_seqs:  # a decode step: one token per sequence, its position and slot known per sequence
             cu = torch.arange(num_seqs + 1)  # [B + 1]
             positions = torch.tensor(starts)  # [T]

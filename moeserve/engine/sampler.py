@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.engine.growing_ids import GrowingIds
 from moeserve.engine.sequence import Sequence, TokenLogprobs
 from moeserve.engine.structured_output import StructuredOutputManager
 
@@ -33,14 +34,16 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # one per sequence; None where not asked for
 
 
-def _padded(token_lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    """The lists as one [r, L] tensor, short rows filled with `pad`."""
-    width = max(map(len, token_lists))
-    flat: list[int] = []
-    for ids in token_lists:
-        flat += ids
-        flat += [pad] * (width - len(ids))
-    return torch.tensor(flat, dtype=torch.long).view(len(token_lists), width).to(device)
+def _seen(seq: Sequence, device: torch.device) -> torch.Tensor:
+    """The sequence's token ids [L] on `device`, uploaded by diff (GrowingIds)."""
+    if seq.seen_ids is None or seq.seen_ids.buffer.device != device:
+        seq.seen_ids = GrowingIds(device)
+    return seq.seen_ids.update(seq.token_ids)
+
+
+def _padded(rows: list[torch.Tensor], pad: int) -> torch.Tensor:
+    """The rows as one [r, L] tensor, short rows filled with `pad`."""
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -54,7 +57,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     vocab, dev = logits.shape[-1], logits.device
     rows = [i for i, seq in enumerate(seqs) if seq.params.repetition_penalty != 1.0]
     if rows:
-        ids = _padded([seqs[i].token_ids for i in rows], vocab, dev)  # [r, L]
+        ids = _padded([_seen(seqs[i], dev) for i in rows], vocab)  # [r, L]
         at = (torch.tensor(rows, device=dev)[:, None], torch.where(ids == vocab, ids[:, :1], ids))  # pad: 1st token
         penalty = torch.tensor([seqs[i].params.repetition_penalty for i in rows], device=dev)[:, None]
         values = logits[at]  # [r, L]
@@ -66,7 +69,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         if (seq.params.presence_penalty or seq.params.frequency_penalty) and seq.num_tokens > seq.num_prompt_tokens
     ]
     if rows:
-        ids = _padded([seqs[i].output_token_ids for i in rows], vocab, dev)  # [r, L]
+        ids = _padded([_seen(seqs[i], dev)[seqs[i].num_prompt_tokens :] for i in rows], vocab)  # [r, L]
         counts = torch.zeros(len(rows), vocab + 1, device=dev)  # [r, V + 1]: padding lands in the last column
         counts.scatter_add_(1, ids, torch.ones(ids.shape, device=dev))
         at = (torch.tensor(rows, device=dev)[:, None], torch.where(ids == vocab, ids[:, :1], ids))

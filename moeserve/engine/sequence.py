@@ -54,6 +54,8 @@ class Sequence:
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
     grammar: Any = None  # the structured-output matcher (moeserve.engine.structured_output), advanced per token
+    seen_ids: Any = None  # token_ids mirrored on the sampler's device (GrowingIds), made when a penalty reads them
+    table_ids: Any = None  # block_table mirrored as a tensor (GrowingIds) for the runner's block tables
     # Where prompt logprobs were asked and not yet sent: one entry per prompt token (the first None), filled by the
     # prefill chunks as they run; None otherwise (and once sent).
     prompt_logprobs: list[TokenLogprobs | None] | None = field(init=False, default=None)
