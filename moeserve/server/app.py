@@ -47,7 +47,8 @@ from moeserve.server.protocol import (
     TokenizeResponse,
     UnloadAdapterRequest,
 )
-from moeserve.server.serving import OpenAIServing
+from moeserve.server.serving_chat import ChatServing
+from moeserve.server.serving_completion import CompletionServing
 from moeserve.server.serving_tokenization import TokenizationServing
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,9 @@ async def _disconnected(request: Request) -> None:
 
 def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     metrics = ServerMetrics(config.served_model_name)
-    serving = OpenAIServing(engine, config.served_model_name, config.tool_call_parser)
-    tokenization = TokenizationServing(serving)
+    completions_serving = CompletionServing(engine, config.served_model_name)
+    chat_serving = ChatServing(engine, config.served_model_name, config.tool_call_parser)
+    tokenization = TokenizationServing(chat_serving)
     engine.on_step = metrics.observe_step
     cache = engine.config.cache
     metrics.set_cache_config(cache.block_size, engine.info.num_blocks, cache.enable_prefix_caching)
@@ -189,14 +191,14 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
     async def completions(req: CompletionRequest, request: Request):
         if req.stream:
-            return StreamingResponse(await serving.completion_stream(req), media_type="text/event-stream")
-        return await with_disconnect_abort(request, serving.completion(req))
+            return StreamingResponse(await completions_serving.completion_stream(req), media_type="text/event-stream")
+        return await with_disconnect_abort(request, completions_serving.completion(req))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         if req.stream:
-            return StreamingResponse(await serving.chat_stream(req), media_type="text/event-stream")
-        return await with_disconnect_abort(request, serving.chat(req))
+            return StreamingResponse(await chat_serving.chat_stream(req), media_type="text/event-stream")
+        return await with_disconnect_abort(request, chat_serving.chat(req))
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models() -> ModelList:

@@ -1,10 +1,18 @@
-"""Logprobs in the API's shapes: OpenAI's completion logprobs (with `echo`, the prompt's tokens first, the first of
-them None) and vLLM's `prompt_logprobs` (token id -> logprob, rank, decoded token)."""
+"""Logprobs in the API's shapes, all of them here: OpenAI's completion logprobs (with `echo`, the prompt's tokens
+first, the first of them None), OpenAI's chat logprobs (token, bytes, top alternatives) and vLLM's `prompt_logprobs`
+(token id -> logprob, rank, decoded token), as models and as the JSON of stream chunks."""
 
 from __future__ import annotations
 
 from moeserve.engine.sequence import TokenLogprobs
-from moeserve.server.protocol import CompletionLogprobs, Logprob, PromptLogprobs
+from moeserve.server.protocol import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    Logprob,
+    PromptLogprobs,
+    TopLogprob,
+)
 
 
 class LogprobFormatter:
@@ -51,8 +59,26 @@ class LogprobFormatter:
         result = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
         return self.completion(prompt_logprobs[1:], len(first), k, result)
 
-    def prompt_logprobs(self, prompt_logprobs: list[TokenLogprobs | None], k: int) -> PromptLogprobs:
-        """vLLM's prompt_logprobs: per prompt token, the token itself and the top k, each with its rank."""
+    def chat(self, logprobs: list[TokenLogprobs] | None) -> ChatLogprobs:
+        """OpenAI's chat logprobs of these tokens: each token's text, bytes and its alternatives."""
+        content = []
+        for lp in logprobs or []:
+            text = self.text(lp.token_id)
+            top = [
+                TopLogprob(token=self.text(t), logprob=v, bytes=list(self.text(t).encode())) for t, v in lp.top.items()
+            ]
+            content.append(
+                ChatTokenLogprob(token=text, logprob=lp.logprob, bytes=list(text.encode()), top_logprobs=top)
+            )
+        return ChatLogprobs(content=content)
+
+    def prompt_logprobs(
+        self, prompt_logprobs: list[TokenLogprobs | None] | None, k: int | None
+    ) -> PromptLogprobs | None:
+        """vLLM's prompt_logprobs: per prompt token, the token itself and the top k, each with its rank; None where
+        they were not asked for (k None) or not computed."""
+        if k is None or prompt_logprobs is None:
+            return None
         result: PromptLogprobs = []
         for lp in prompt_logprobs:
             if lp is None:
@@ -63,3 +89,8 @@ class LogprobFormatter:
                 entry.setdefault(t, Logprob(logprob=v, rank=rank, decoded_token=self.text(t)))
             result.append(entry)
         return result
+
+
+def prompt_logprobs_json(prompt_logprobs: PromptLogprobs | None) -> list:
+    """vLLM's prompt_logprobs as the JSON of a stream chunk (token ids as string keys)."""
+    return [None if e is None else {str(t): v.model_dump() for t, v in e.items()} for e in prompt_logprobs or []]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from moeserve.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from moeserve.errors import ErrorKind
@@ -370,6 +370,76 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     prompt_logprobs: PromptLogprobs | None = None
+
+
+# --- stream chunks (server-sent events of stream: true) ---
+
+
+class _Chunk(BaseModel):
+    """A stream chunk's part: the fields named in _OMIT_IF_NONE are left out of the event when None (OpenAI sends no
+    `usage` key on a chunk without usage, no `role` after the first delta), the others are sent as null."""
+
+    _OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        data = handler(self)
+        for name in self._OMIT_IF_NONE:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
+
+
+class CompletionStreamChoice(_Chunk):
+    _OMIT_IF_NONE = frozenset({"prompt_logprobs"})
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # on the choice's first chunk, where asked
+
+
+class CompletionStreamResponse(_Chunk):
+    _OMIT_IF_NONE = frozenset({"usage"})
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: UsageInfo | None = None  # the last chunk's, with stream_options.include_usage
+
+
+class ChatDelta(_Chunk):
+    _OMIT_IF_NONE = frozenset({"role", "content", "tool_calls"})
+
+    role: str | None = None  # the opening chunk's
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class ChatStreamChoice(_Chunk):
+    _OMIT_IF_NONE = frozenset({"prompt_logprobs"})
+
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # on the opening chunk of choice 0, where asked
+
+
+class ChatCompletionStreamResponse(_Chunk):
+    _OMIT_IF_NONE = frozenset({"usage"})
+
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
 
 
 class ModelCard(BaseModel):
