@@ -21,9 +21,14 @@ def max_token_bytes(tokenizer) -> int:
 
 
 class PromptTooLongError(ValueError):
-    """The prompt (with what it asks to generate) does not fit the model's context."""
+    """The prompt (with what it asks to generate) does not fit the model's context. field: what is at fault, the
+    prompt itself ("prompt") or the tokens asked on top of it ("max_tokens")."""
 
     kind = ErrorKind.BAD_REQUEST
+
+    def __init__(self, message: str, field: str = "prompt") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class InputProcessor:
@@ -48,19 +53,32 @@ class InputProcessor:
         except (TypeError, ValueError) as exc:  # text the tokenizer refuses (a lone surrogate, ...)
             raise ValueError(f"the prompt cannot be tokenized: {exc}") from exc
 
+    def check_prompt(self, token_ids: list[int], max_tokens: int | None = None) -> None:
+        """The one check of a tokenized prompt, for every route of the server and for the offline engine: not
+        empty, every id in the vocabulary, and the prompt (plus max_tokens, where given) within the context, in
+        vLLM's words (never silently cut short). ValueError; PromptTooLongError for the context."""
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab, limit, n = self.vocab_size, self.max_model_len, len(token_ids)
+        if any(not (isinstance(t, int) and 0 <= t < vocab) for t in token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if n >= limit:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has {n} tokens and at "
+                "least one must be left to generate."
+            )
+        if max_tokens is not None and n + max_tokens > limit:
+            raise PromptTooLongError(
+                f"This model's maximum context length is {limit} tokens. However, you requested {n + max_tokens} "
+                f"tokens ({n} in the prompt, {max_tokens} for the completion). Please reduce the prompt or the "
+                "completion length.",
+                field="max_tokens",
+            )
+
     def process(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, adapter: str | None = None
     ) -> EngineCoreRequest:
-        """The request for the core; ValueError for a prompt the model cannot take."""
+        """The request for the core; ValueError for a prompt the model cannot take (check_prompt)."""
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.vocab_size
-        if any(not (isinstance(t, int) and 0 <= t < vocab) for t in token_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(token_ids) >= self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {len(token_ids)} tokens; the model's context is {self.max_model_len} tokens "
-                "and at least one must be left to generate"
-            )
+        self.check_prompt(token_ids)
         return EngineCoreRequest(request_id, token_ids, params, adapter, time.monotonic())

@@ -85,24 +85,15 @@ class OpenAIServing:
         except ValueError as exc:
             raise APIError(400, str(exc), "prompt") from exc
 
-    def _check_context(self, num_prompt_tokens: int, max_tokens: int | None, param: str = "max_tokens") -> None:
-        """A prompt and completion that cannot fit the context are a 400, as in vLLM (never silently cut short)."""
-        limit = self.engine.max_model_len
-        if num_prompt_tokens >= limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                f"{num_prompt_tokens} tokens and at least one must be left to generate.",
-                "prompt" if param == "max_tokens" else "messages",
-            )
-        if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
-                "completion). Please reduce the prompt or the completion length.",
-                param,
-            )
+    def _check_prompt(self, ids: list[int], max_tokens: int | None, chat: bool = False) -> None:
+        """The engine's one prompt check (InputProcessor.check_prompt) as a 400 naming the field at fault."""
+        try:
+            self.engine.inputs.check_prompt(ids, max_tokens)
+        except PromptTooLongError as exc:
+            prompt, asked = ("messages", "max_completion_tokens") if chat else ("prompt", "max_tokens")
+            raise APIError(400, str(exc), asked if exc.field == "max_tokens" else prompt) from exc
+        except ValueError as exc:
+            raise APIError(400, str(exc), "messages" if chat else "prompt") from exc
 
     async def _stream_choices(
         self,

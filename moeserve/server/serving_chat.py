@@ -44,7 +44,7 @@ class ChatServing(OpenAIServing):
             params = replace(params, structured_outputs=plan.constraint)
         text = self.render_chat(req.messages, req.add_generation_prompt, plan.template_tools)
         ids = await self._tokenize(text, add_special_tokens=False)
-        self._check_context(len(ids), req.max_completion_tokens or req.max_tokens, "max_completion_tokens")
+        self._check_prompt(ids, req.max_completion_tokens or req.max_tokens, chat=True)
         return adapter, params, ids, plan
 
     def _message(self, text: str, plan: ToolPlan) -> tuple[ChatResponseMessage, bool]:

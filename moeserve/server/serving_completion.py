@@ -37,18 +37,10 @@ class CompletionServing(OpenAIServing):
             raw = [list(p)]
         else:
             raw = list(p)
-        vocab = self.engine.info.vocab_size
         prompts = []
         for item in raw:
-            if isinstance(item, str):
-                ids, text = await self._tokenize(item), item
-            else:
-                ids, text = list(item), None
-                if any(t >= vocab for t in ids):
-                    raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", "prompt")
-            if not ids:
-                raise APIError(400, "the prompt is empty", "prompt")
-            self._check_context(len(ids), req.max_tokens)
+            ids, text = (await self._tokenize(item), item) if isinstance(item, str) else (list(item), None)
+            self._check_prompt(ids, req.max_tokens)
             prompts.append((ids, text))
         return prompts
 
