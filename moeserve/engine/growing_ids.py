@@ -17,19 +17,26 @@ class GrowingIds:
         self.buffer = torch.empty(0, dtype=dtype, device=device)  # [capacity]: the ids, the first `length` valid
         self.length = 0
         self._source: list[int] | None = None  # the list mirrored
+        self._view = self.buffer[:0]  # buffer[:length], kept for the steps that add nothing
 
-    @torch.inference_mode(False)  # a normal tensor, updated in place inside the runner's inference mode and out
     def update(self, ids: list[int]) -> torch.Tensor:
         """The ids [len(ids)] as a view of the buffer, after converting those appended since the last call."""
         n = len(ids)
+        if ids is self._source and n == self.length:  # nothing new: the step's common case for block tables
+            return self._view
         if ids is not self._source or n < self.length:
             self._source, self.length = ids, 0
         if n > self.buffer.numel():
-            grown = torch.empty(max(n, 2 * self.buffer.numel(), 64), dtype=self.buffer.dtype, device=self.buffer.device)
-            grown[: self.length] = self.buffer[: self.length]
+            # made outside inference mode (the runner's steps run in it): a normal tensor, updatable in place anywhere
+            with torch.inference_mode(False):
+                grown = torch.empty(
+                    max(n, 2 * self.buffer.numel(), 64), dtype=self.buffer.dtype, device=self.buffer.device
+                )
+                grown[: self.length] = self.buffer[: self.length]
             self.buffer = grown
         if n > self.length:
             new = torch.tensor(ids[self.length :], dtype=self.buffer.dtype)  # [n - length]
             self.buffer[self.length : n].copy_(new, non_blocking=True)
             self.length = n
-        return self.buffer[:n]
+        self._view = self.buffer[:n]
+        return self._view
