@@ -11,7 +11,8 @@ from enum import Enum
 
 
 class ErrorKind(str, Enum):
-    """value: the name on the wire. status: the HTTP status. type: OpenAI's error type in the body."""
+    """value: the name on the wire. status: the HTTP status (server/errors.py gives each status its OpenAI error
+    type in the body)."""
 
     BAD_REQUEST = "bad_request"  # the request cannot be served as asked (a bad grammar, a prompt too long, ...)
     NOT_FOUND = "not_found"  # a route or model that does not exist
@@ -24,10 +25,6 @@ class ErrorKind(str, Enum):
     @property
     def status(self) -> int:
         return _STATUS[self]
-
-    @property
-    def type(self) -> str:
-        return _OPENAI_TYPE[_STATUS[self]]
 
     @classmethod
     def parse(cls, value: str | None) -> ErrorKind:
@@ -46,13 +43,6 @@ _STATUS = {
     ErrorKind.QUEUE_FULL: 429,
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.ENGINE: 500,
-}
-_OPENAI_TYPE = {
-    400: "BadRequestError",
-    404: "NotFoundError",
-    429: "RateLimitError",
-    500: "InternalServerError",
-    503: "ServiceUnavailableError",
 }
 
 

@@ -116,13 +116,11 @@ class EngineCoreProc:
         self.outputs.put(message)
 
     def _refuse(self, request_id: str, exc: BaseException) -> None:
-        error = EngineCoreOutput(request_id, [], error=str(exc), error_kind=kind_of(exc))
+        wire = _error(exc)
+        error = EngineCoreOutput(request_id, [], error=wire.message, error_kind=wire.kind)
         self._send(StepOutputs(EngineCoreOutputs([error])))
 
     # --- the calls ---
-
-    def register_adapter(self, name: str, path: str, replace: bool = False):
-        return self.core.adapters.register(name, path, replace=replace)
 
     def unregister_adapter(self, name: str) -> None:
         self.core.adapters.unregister(name)
@@ -166,7 +164,7 @@ class EngineCoreProc:
         elif isinstance(message, AbortRequests):
             self.core.abort_requests(message.request_ids)
         elif isinstance(message, CoreCall):
-            if message.method == "register_adapter":
+            if message.method == "register_adapter":  # answered once its files are read (_finish_registering)
                 self._start_registering(message.call_id, *message.args)
                 return True
             try:

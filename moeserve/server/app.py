@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from moeserve import __version__
 from moeserve.adapters import AdapterError
 from moeserve.adapters.manager import UnknownAdapterError
-from moeserve.server.async_engine import AsyncEngine, EngineDeadError
+from moeserve.server.async_engine import AsyncEngine
 from moeserve.server.errors import (
     APIError,
     api_error_handler,
@@ -154,11 +154,6 @@ def build_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, internal_error_handler)
-
-    async def engine_dead_handler(_: Request, exc: EngineDeadError) -> JSONResponse:
-        return error_response(503, str(exc))  # the core is down or restarting: try again shortly
-
-    app.add_exception_handler(EngineDeadError, engine_dead_handler)
 
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
