@@ -461,3 +461,116 @@ def test_the_march_and_the_compiler_flags_key_the_build(monkeypatch, tmp_path):
         monkeypatch.setenv("MOESERVE_NATIVE_MARCH", "x86-64-v3")
         assert "-march=x86-64-v3" in native._compiler_flags(compiler)[0]
         assert native._build(compiler) != first
+
+
+# Threads and bfloat16 (csrc/parallel.h): every output element is computed by one thread in a fixed order, so the
+# results are bitwise the same at any thread count; bf16 operands are widened exactly and computed in float32.
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's thread count (the native kernels use torch's OpenMP threads), restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_kernels_use_torchs_threads(threads):
+    """One OpenMP runtime, torch's: the library's thread count follows torch.set_num_threads, and loading it adds no
+    second libgomp to the process."""
+    lib = native.native_library()
+    if lib.moeserve_threads() == 0:
+        pytest.skip("the compiler here has no OpenMP: the kernels run on one thread")
+    for count in (1, 3, 2):
+        threads(count)
+        assert lib.moeserve_threads() == count
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        gomp = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+        assert len(gomp) <= 1, gomp
+
+
+def _at_thread_counts(threads, fn):
+    """fn()'s results at 1, 2 and 3 threads (3 > the cores of a 2-core machine: more threads than cores too)."""
+    out = []
+    for count in (1, 2, 3):
+        threads(count)
+        out.append(fn())
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_is_bitwise_the_same_at_any_thread_count(threads, dtype):
+    # 40 tokens x 4 of 16 experts, H 256, I 160: work well above the kernel's single-thread bound, rows past a
+    # multiple of the blocks (I 160 = 5 blocks of 32, H 256 = 4 of 64), several blocks of output columns
+    x, w13, w2, weights, ids = moe_case(40, 16, 16, 4, 256, 160, seed=7)
+    x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+    first, *rest = _at_thread_counts(threads, lambda: fused_moe_native(x, w13, w2, weights, ids))
+    assert all(torch.equal(first, other) for other in rest)
+
+
+@pytest.mark.parametrize("case", [(33, 16, 16, 4, 256, 160), (3, 5, 5, 2, 13, 7), (16, 32, 32, 4, 128, 64)])
+def test_fused_moe_bf16_is_float32_on_the_widened_operands(case):
+    """bf16: the float32 kernel's arithmetic on the widened inputs and tables, rounded once; within bf16 tolerance of
+    the twin (which rounds its intermediates to bf16)."""
+    x, w13, w2, weights, ids = moe_case(*case)
+    xb, w13b, w2b = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
+    out = fused_moe_native(xb, w13b, w2b, weights, ids)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, fused_moe_native(xb.float(), w13b.float(), w2b.float(), weights, ids).bfloat16())
+    torch.testing.assert_close(out, fused_moe_torch(xb, w13b, w2b, weights, ids), atol=2e-2, rtol=2e-2)
+
+
+def test_fused_moe_bf16_dispatch_and_refusals():
+    x, w13, w2, weights, ids = moe_case(4, 8, 8, 2, 32, 16)
+    xb, w13b, w2b = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
+    assert native_fits(xb, w13b, w2b, 2, "silu")
+    assert not native_fits(x, w13b, w2b, 2, "silu")  # mixed dtypes: the twin
+    assert not native_fits(xb.half(), w13b.half(), w2b.half(), 2, "silu")  # float16: the twin
+    assert torch.equal(fused_moe(xb, w13b, w2b, weights, ids), fused_moe_native(xb, w13b, w2b, weights, ids))
+    with pytest.raises(TypeError, match="one dtype"):
+        fused_moe_native(x, w13b, w2b, weights, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_is_bitwise_the_same_at_any_thread_count(threads, dtype):
+    q, k, v, tables, lens = attention_case([70, 9, 33, 120, 1, 64], 8, 2, 64, 64, 16, seed=3)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    first, *rest = _at_thread_counts(threads, lambda: paged_decode_attention_native(q, k, v, tables, lens, 0.125))
+    assert all(torch.equal(first, other) for other in rest)
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_paged_attention_bf16_is_float32_on_the_widened_operands(case):
+    *shape, window = case
+    q, k, v, tables, lens = attention_case(*shape)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    args = (tables, lens, shape[3] ** -0.5, window, int(lens.max()))
+    out = paged_decode_attention_native(qb, kb, vb, *args)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, paged_decode_attention_native(qb.float(), kb.float(), vb.float(), *args).bfloat16())
+    torch.testing.assert_close(out, paged_decode_attention_torch(qb, kb, vb, *args), atol=2e-2, rtol=2e-2)
+    assert torch.equal(paged_decode_attention(qb, kb, vb, *args), out)  # the dispatcher takes bf16 natively
+
+
+def test_slot_lora_is_bitwise_the_same_at_any_thread_count(threads):
+    """Many tokens over three adapters (soft at full size, top-k, plain-sized), chunked over the threads."""
+    from moeserve.adapters.slot_batched_lora import SlotTables, slot_lora_native
+
+    g = torch.Generator().manual_seed(9)
+    experts, rank, din, dout = 4, 8, 256, 192
+    ints = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    tables = SlotTables(
+        torch.randn(3, experts + experts * rank, din, generator=g), torch.randn(3, experts * rank, dout, generator=g),
+        experts, rank, True, None, None, None, False, ints(4, 4, 2), ints(4, 2, 1), ints(0, 1, 0), ints(8, 8, 4),
+    )  # fmt: skip
+    rows = torch.randint(-1, 3, (90,), generator=g, dtype=torch.int32)
+    x = torch.randn(90, din, generator=g)
+
+    def run():
+        y = torch.zeros(90, dout)
+        slot_lora_native(x, tables, rows, y)
+        return y
+
+    first, *rest = _at_thread_counts(threads, run)
+    assert first.abs().sum() > 0 and all(torch.equal(first, other) for other in rest)

@@ -146,14 +146,18 @@ def _loop(hidden, w13, w2, topk_weights, topk_ids, act) -> torch.Tensor:
 NATIVE_MAX_PER_EXPERT = 16  # T*K / R above which the twin's GEMMs (the "loop" path) beat the native kernel
 
 
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def native_fits(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int, activation: str) -> bool:
-    """Whether fused_moe_native takes these operands: float32 on CPU, SiLU, contiguous tables, a decode-sized batch."""
+    """Whether fused_moe_native takes these operands: float32 or bfloat16 on CPU (inputs and tables alike), SiLU,
+    contiguous tables, a decode-sized batch."""
     return (
         activation == "silu"
         and hidden.shape[0] * top_k <= NATIVE_MAX_PER_EXPERT * w2.shape[0]
-        and native_ready(hidden)
-        and w13.dtype == torch.float32
-        and w2.dtype == torch.float32
+        and native_ready(hidden, NATIVE_DTYPES)
+        and w13.dtype == hidden.dtype
+        and w2.dtype == hidden.dtype
         and w13.is_contiguous()
         and w2.is_contiguous()
     )
@@ -167,10 +171,14 @@ def fused_moe_native(
     topk_ids: torch.Tensor,
     activation: str = "silu",
 ) -> torch.Tensor:
-    """The native CPU kernel (csrc/fused_moe_cpu.c), same signature and semantics; float32 and SiLU only
-    (native_fits says when it applies). Each token's result is independent of the rest of the batch."""
+    """The native CPU kernel (csrc/fused_moe_cpu.c), same signature and semantics; float32 or bfloat16 (hidden and
+    tables of one dtype; bf16 computed in float32 and rounded once), SiLU only (native_fits says when it applies).
+    Each token's result is independent of the rest of the batch and of the thread count."""
     if activation != "silu":
         raise ValueError(f"the native fused MoE kernel runs SiLU experts only, not {activation!r}")
+    if hidden.dtype not in NATIVE_DTYPES or w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        raise TypeError(f"the native fused MoE kernel takes float32 or bfloat16 operands of one dtype, not "
+                        f"{hidden.dtype}, {w13.dtype}, {w2.dtype}")  # fmt: skip
     x = hidden.contiguous()
     num_tokens, size = x.shape
     rows, inter = w2.shape[0], w2.shape[-1]
@@ -178,8 +186,8 @@ def fused_moe_native(
     weights = topk_weights.to(torch.float32).contiguous()  # [T, K]
     out = torch.empty_like(x)  # [T, H]
     call_native(
-        "moeserve_fused_moe_f32", x.data_ptr(), num_tokens, size, w13.data_ptr(), w2.data_ptr(), rows, inter,
-        weights.data_ptr(), ids.data_ptr(), ids.shape[1], out.data_ptr(),
+        "moeserve_fused_moe", x.data_ptr(), num_tokens, size, w13.data_ptr(), w2.data_ptr(), rows, inter,
+        weights.data_ptr(), ids.data_ptr(), ids.shape[1], int(x.dtype == torch.bfloat16), out.data_ptr(),
         bad_input=f"an expert id is outside the {rows} rows of the expert tables",
     )  # fmt: skip
     return out

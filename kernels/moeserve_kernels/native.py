@@ -2,8 +2,13 @@
 
 As Triton compiles its launchers with the system's C compiler, this compiles plain C (no Python or torch headers, so a
 build takes about a second) with -O3 -march=native into a cache directory keyed by the sources, the compiler (its
-version text), the flags and the CPU, and loads it once per process. The kernels run on raw float32 pointers in the
-caller's thread (ctypes drops the GIL around each call).
+version text), the flags and the CPU, and loads it once per process. The kernels run on raw float32 (some also
+bfloat16) pointers, called from the caller's thread (ctypes drops the GIL around each call).
+
+Threads: compiled with -fopenmp and loaded after torch, the library's libgomp.so.1 is the one torch loaded, so the
+kernels split their work over torch's own OpenMP threads, as many as torch.set_num_threads asked for (csrc/parallel.h);
+every output element is computed by one thread in a fixed order, so results do not depend on the thread count. A
+compiler without OpenMP builds them single-threaded.
 
 MOESERVE_NATIVE_MARCH picks another -march (x86-64-v3: AVX2 and FMA, what every x86-64 CI machine has); the tests
 build for it beside native, so a CPU with AVX-512 also checks the code an AVX2-only CPU runs.
@@ -45,17 +50,20 @@ SOURCES = (
     "slot_ia3_cpu.c",
     "softmax_topk_cpu.c",
     "store_kv_cpu.c",
+    "threads_cpu.c",
 )
 CFLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11")
+OPENMP_FLAGS = ("-fopenmp",)  # dropped when the compiler has no OpenMP (the kernels then run on one thread)
 GCC_FLAGS = ("--param=avoid-fma-max-bits=0",)  # every multiply-add fused, whatever the tuning (see above)
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 # name -> argument types of each exported function (all return int: 0, or a negative error code).
 SIGNATURES: dict[str, tuple] = {
-    # x, T, H, w13, w2, R, I, topk_weights, topk_ids, K, out
-    "moeserve_fused_moe_f32": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR),
+    # x, T, H, w13, w2, R, I, topk_weights, topk_ids, K, bf16, out
+    "moeserve_fused_moe": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int32, _PTR),
     # q, k_cache, v_cache, block_tables, context_lens, B, Hq, Hkv, D, Dv, N, S, M, table stride,
     # k strides (block, slot, head), v strides (block, slot, head), scale, window, out
-    "moeserve_paged_decode_attention_f32": (
+    # ..., scale, window, bf16, out
+    "moeserve_paged_decode_attention": (
         _PTR,
         _PTR,
         _PTR,
@@ -65,6 +73,7 @@ SIGNATURES: dict[str, tuple] = {
         *(_I64,) * 6,
         _F32,
         _I64,
+        ctypes.c_int32,
         _PTR,
     ),
     # x, rows, dim, weight, eps, y
@@ -92,6 +101,8 @@ SIGNATURES: dict[str, tuple] = {
         _I64,
         _PTR,
     ),  # fmt: skip
+    # (): the threads a kernel called from this thread uses; 0 when built without OpenMP
+    "moeserve_threads": (),
     # act, T, dim, token_slots, router (or NULL), vectors, S + 1, E, has_router, own_experts, top_k, renorm
     "moeserve_slot_ia3_f32": (_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, *(_PTR,) * 4),
 }
@@ -133,10 +144,11 @@ def _compiler_flags(compiler: str) -> tuple[tuple[str, ...], str]:
     return (*CFLAGS, f"-march={native_march()}", *extra), version
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, openmp: bool = True) -> Path:
     src_dir = Path(__file__).parent / "csrc"
     sources = [src_dir / name for name in SOURCES]
     flags, version = _compiler_flags(compiler)
+    flags = (*flags, *OPENMP_FLAGS) if openmp else flags
     # Every file of csrc/, headers included: an edit to a shared header must not load a library built before it.
     inputs = [f.name.encode() + b"\0" + f.read_bytes() for f in sorted(src_dir.iterdir()) if f.suffix in (".c", ".h")]
     key = hashlib.sha256()
@@ -170,10 +182,15 @@ def native_library() -> ctypes.CDLL | None:
     if compiler is None:
         logger.warning("no C compiler found: the CPU kernels run their pure-torch twins (slower)")
         return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.warning("native CPU kernels unavailable, running the pure-torch twins: %s", exc)
+    lib = None
+    for openmp in (True, False):  # without OpenMP (a compiler without it) the kernels run on the caller's thread
+        try:
+            lib = ctypes.CDLL(str(_build(compiler, openmp)))
+            break
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            error = exc
+    if lib is None:
+        logger.warning("native CPU kernels unavailable, running the pure-torch twins: %s", error)
         return None
     for name, argtypes in SIGNATURES.items():
         fn = getattr(lib, name)
@@ -181,10 +198,10 @@ def native_library() -> ctypes.CDLL | None:
     return lib
 
 
-def native_ready(tensor: torch.Tensor) -> bool:
-    """Whether a native kernel may take this (representative input) tensor: float32 on CPU, the library built, and
-    MOESERVE_KERNELS not asking for the twins."""
-    return tensor.dtype == torch.float32 and tensor.is_cpu and native_library() is not None and kernel_mode() != "torch"
+def native_ready(tensor: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    """Whether a native kernel may take this (representative input) tensor: one of the kernel's dtypes (float32
+    unless it says more), on CPU, the library built, and MOESERVE_KERNELS not asking for the twins."""
+    return tensor.dtype in dtypes and tensor.is_cpu and native_library() is not None and kernel_mode() != "torch"
 
 
 def records_grad(*tensors: torch.Tensor) -> bool:

@@ -65,12 +65,16 @@ def paged_decode_attention_torch(
     return out.reshape(num_seqs, q.shape[1], -1)
 
 
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def native_attention_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether paged_decode_attention_native takes these operands: float32 on CPU, caches with a contiguous last dim."""
+    """Whether paged_decode_attention_native takes these operands: float32 or bfloat16 on CPU (query and caches of one
+    dtype), caches with a contiguous last dim."""
     return (
-        native_ready(q)
-        and k_cache.dtype == torch.float32
-        and v_cache.dtype == torch.float32
+        native_ready(q, NATIVE_DTYPES)
+        and k_cache.dtype == q.dtype
+        and v_cache.dtype == q.dtype
         and k_cache.stride(-1) == 1
         and v_cache.stride(-1) == 1
     )
@@ -87,8 +91,12 @@ def paged_decode_attention_native(
     max_context_len: int | None = None,
 ) -> torch.Tensor:
     """The native CPU kernel (csrc/paged_attention_cpu.c), same signature and semantics: reads keys and values
-    in place through the block tables, float32 only (native_attention_fits says when it applies). max_context_len
-    is not needed (the kernel reads each sequence's own length)."""
+    in place through the block tables, float32 or bfloat16 (bf16 computed in float32, rounded once;
+    native_attention_fits says when it applies). max_context_len is not needed (the kernel reads each sequence's own
+    length)."""
+    if q.dtype not in NATIVE_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"the native paged attention takes float32 or bfloat16 operands of one dtype, not {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}")  # fmt: skip
     num_seqs, q_heads, head_dim = q.shape
     kv_heads, v_dim = k_cache.shape[2], v_cache.shape[-1]
     if q_heads % kv_heads:
@@ -100,10 +108,10 @@ def paged_decode_attention_native(
     lens = context_lens.to(torch.int32).contiguous()  # [B]
     out = q.new_empty(num_seqs, q_heads, v_dim)  # [B, Hq, Dv]
     call_native(
-        "moeserve_paged_decode_attention_f32", q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        "moeserve_paged_decode_attention", q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         tables.data_ptr(), lens.data_ptr(), num_seqs, q_heads, kv_heads, head_dim, v_dim, k_cache.shape[0],
         k_cache.shape[1], tables.shape[1], tables.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], scale,
-        sliding_window or 0, out.data_ptr(),
+        sliding_window or 0, int(q.dtype == torch.bfloat16), out.data_ptr(),
         bad_input="a context length or block id is outside the block tables or the cache",
     )  # fmt: skip
     return out
@@ -125,8 +133,8 @@ def paged_decode_attention(
     q [B, Hq, D], k_cache [N, S, Hkv, D], v_cache [N, S, Hkv, Dv], block_tables [B, M] int32, context_lens [B]
     int32 (>= 1). max_context_len: a host bound on context_lens (optional; without it the tables' reach, M * S, is
     the bound, so nothing reads context_lens back from the device). v_cache may be a view of k_cache (MLA reads its
-    latent as both). Returns [B, Hq, Dv]. Triton on CUDA; on CPU the native kernel for float32, the twin otherwise
-    (see backend.py and native.py).
+    latent as both). Returns [B, Hq, Dv]. Triton on CUDA; on CPU the native kernel for float32 and bfloat16, the twin
+    otherwise (see backend.py and native.py).
     """
     args = (q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, max_context_len)
     if use_triton(q):
