@@ -60,6 +60,8 @@ _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 SIGNATURES: dict[str, tuple] = {
     # x, T, H, w13, w2, R, I, topk_weights, topk_ids, K, bf16, out
     "moeserve_fused_moe": (_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int32, _PTR),
+    # (): 1 where bf16 fused MoE calls take vdpbf16ps (AVX512-BF16), 0 where they widen to float
+    "moeserve_fused_moe_bf16_products": (),
     # q, k_cache, v_cache, block_tables, context_lens, B, Hq, Hkv, D, Dv, N, S, M, table stride,
     # k strides (block, slot, head), v strides (block, slot, head), scale, window, out
     # ..., scale, window, bf16, out

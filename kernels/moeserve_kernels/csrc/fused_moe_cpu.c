@@ -13,14 +13,17 @@
  * Each (row, token) dot product runs the same sequence of 8-wide multiply-adds whatever the other tokens of the
  * batch, the blocks or the threads are, so a token's result depends on nothing else (bitwise, at any thread count).
  *
- * bfloat16 (x, w13, w2 and out all bf16): the inputs and weights are widened to float (the weights in registers),
- * every sum is float, and out is rounded once: the float32 call's arithmetic on the widened tensors. native.py builds and loads it; fused_moe.py dispatches.
+ * bfloat16 (x, w13, w2 and out all bf16): on CPUs with AVX512-BF16 the dot products are vdpbf16ps over bf16 rows and
+ * bf16 inputs (dpbf16.h; the activations rounded to bf16 between the projections, as in a bf16 model), else the
+ * inputs and weights are widened to float (the weights in registers) for the float32 call's arithmetic on the widened
+ * tensors; either way every sum is float and out is rounded once. moeserve_fused_moe_bf16_products says which. native.py builds and loads it; fused_moe.py dispatches.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "counting_sort.h"
+#include "dpbf16.h"
 #include "parallel.h"
 #include "vec.h"
 
@@ -48,13 +51,22 @@ static void gemm_rows_any(const void *w, int bf16, int64_t rows, int64_t ld, con
     else vgemm_rows((const float *)w, rows, ld, x, n_tok, ldx, n, y, ldy);
 }
 
+/* 1 where bf16 calls use vdpbf16ps (bf16 products, activations rounded to bf16), 0 where they widen to float. */
+int moeserve_fused_moe_bf16_products(void) {
+#ifdef MOESERVE_DPBF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 typedef struct {
     const void *x, *w13, *w2;
     void *out;
     const float *topk_weights;
     const int64_t *topk_ids, *starts, *order, *pos_of, *used;
     int64_t hidden, inter, top_k, n_assign, max_count;
-    int bf16;
+    int bf16, dp; /* dp: bf16 through vdpbf16ps, xs and act then hold bf16 */
     float *xs;      /* [A, H] inputs by sorted assignment */
     float *act;     /* [A, I] */
     float *ys;      /* [A, H] expert outputs, unweighted */
@@ -69,7 +81,9 @@ static void gather_item(void *ctx, int64_t item, int thread) {
     for (int64_t pos = item * GATHER_BLOCK; pos < end; pos++) {
         const int64_t t = j->order[pos] / j->top_k;
         float *dst = j->xs + pos * j->hidden;
-        if (j->bf16) widen_bf16((const uint16_t *)j->x + t * j->hidden, dst, j->hidden);
+        if (j->dp) memcpy((uint16_t *)j->xs + pos * j->hidden, (const uint16_t *)j->x + t * j->hidden,
+                          (size_t)j->hidden * sizeof(uint16_t));
+        else if (j->bf16) widen_bf16((const uint16_t *)j->x + t * j->hidden, dst, j->hidden);
         else memcpy(dst, (const float *)j->x + t * j->hidden, (size_t)j->hidden * sizeof(float));
     }
 }
@@ -82,6 +96,19 @@ static void up_item(void *ctx, int64_t item, int thread) {
     float *g = j->scratch + thread * j->scratch_stride, *u = g + j->max_count * JB;
     const size_t es = j->bf16 ? 2 : 4;
     const char *w = (const char *)j->w13 + (size_t)(e * 2 * I * H) * es;
+#ifdef MOESERVE_DPBF16
+    if (j->dp) {
+        const uint16_t *xs = (const uint16_t *)j->xs + first * H, *wh = (const uint16_t *)w;
+        vgemm_rows_dpbf16(wh + j0 * H, jb, H, xs, n, H, H, g, JB);
+        vgemm_rows_dpbf16(wh + (I + j0) * H, jb, H, xs, n, H, H, u, JB);
+        for (int64_t p = 0; p < n; p++) {
+            silu_mul(g + p * JB, u + p * JB, g + p * JB, jb);
+            uint16_t *a = (uint16_t *)j->act + (first + p) * I + j0;
+            for (int64_t c = 0; c < jb; c++) a[c] = f32_to_bf16(g[p * JB + c]);
+        }
+        return;
+    }
+#endif
     const float *xs = j->xs + first * H;
     gemm_rows_any(w + (size_t)(j0 * H) * es, j->bf16, jb, H, xs, n, H, H, g, JB);
     gemm_rows_any(w + (size_t)((I + j0) * H) * es, j->bf16, jb, H, xs, n, H, H, u, JB);
@@ -96,6 +123,13 @@ static void down_item(void *ctx, int64_t item, int thread) {
     (void)thread;
     const size_t es = j->bf16 ? 2 : 4;
     const char *w = (const char *)j->w2 + (size_t)(e * H * I + h0 * I) * es;
+#ifdef MOESERVE_DPBF16
+    if (j->dp) {
+        vgemm_rows_dpbf16((const uint16_t *)w, hb, I, (const uint16_t *)j->act + first * I, n, I, I,
+                          j->ys + first * H + h0, H);
+        return;
+    }
+#endif
     gemm_rows_any(w, j->bf16, hb, I, j->act + first * I, n, I, I, j->ys + first * H + h0, H);
 }
 
@@ -141,7 +175,8 @@ int moeserve_fused_moe(const void *x, int64_t num_tokens, int64_t hidden, const 
     for (int64_t a = 0; a < n_assign; a++)
         if (topk_ids[a] < 0 || topk_ids[a] >= rows) return -1;
     moe_job j = {.x = x, .w13 = w13, .w2 = w2, .out = out, .topk_weights = topk_weights, .topk_ids = topk_ids,
-                 .hidden = hidden, .inter = inter, .top_k = top_k, .n_assign = n_assign, .bf16 = bf16 != 0};
+                 .hidden = hidden, .inter = inter, .top_k = top_k, .n_assign = n_assign, .bf16 = bf16 != 0,
+                 .dp = bf16 != 0 && moeserve_fused_moe_bf16_products()};
     int64_t *starts = calloc((size_t)rows + 2, sizeof(int64_t));      /* [R + 2] */
     int64_t *order = malloc((size_t)n_assign * 2 * sizeof(int64_t)); /* [A] by expert, then pos_of [A] */
     int64_t *used = malloc((size_t)rows * sizeof(int64_t));          /* the experts with assignments */

@@ -6,6 +6,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
@@ -24,9 +28,14 @@ typedef uint16_t v8h __attribute__((vector_size(16)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 
 static inline v8f load8_bf16(const uint16_t *p) {
+#if defined(__AVX2__)
+    /* one zero-extending load and a shift (GCC splits the generic conversion into halves and inserts) */
+    return (v8f)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+#else
     v8h h;
     memcpy(&h, p, sizeof h);
     return (v8f)(__builtin_convertvector(h, v8u) << 16);
+#endif
 }
 
 static inline float bf16_to_f32(uint16_t h) {
