@@ -1,4 +1,5 @@
-"""Decode roofline of moeserve on random-weight models of real shapes (OLMoE-1B-7B, Qwen3-30B-A3B), for a GPU.
+"""Decode roofline of moeserve on random-weight models of real shapes (OLMoE-1B-7B, Qwen3-30B-A3B,
+DeepSeek-V2-Lite), written for a GPU; bench_real_size.py is the CPU benchmark over the same checkpoints.
 
   make  writes a random-weight checkpoint of a real model's shape (config.json values of the released model), in
         bf16, with a word-level tokenizer that covers the whole vocabulary (every id decodes to text, so streamed
@@ -11,11 +12,13 @@
                     routing: E (1 - (1 - k/E)^B); random routers route near-uniformly)
                   + the KV cache of the batch (B x mean context x 2 x kv_heads x head_dim per layer)
             roofline = bytes / bandwidth;  efficiency = roofline / measured step time
+        (model_params.py counts the bytes, MLA's compressed latent cache included)
 
 Examples (a GPU machine; neither has been run for docs/benchmarks.md, which says so):
   python benchmarks/bench_roofline.py make olmoe-1b-7b /data/olmoe-rand
   python benchmarks/bench_roofline.py run /data/olmoe-rand --device cuda --batch 1 8 32 128 --context 512 2048
   python benchmarks/bench_roofline.py make qwen3-30b-a3b /data/qwen3-rand --num-layers 16   # 61 GB in full
+  python benchmarks/bench_roofline.py make deepseek-v2-lite /data/dsv2-rand --num-layers 2 --device cpu  # 2.2 GB
 The CPU path exists to check the code: `make olmoe-mini DIR --device cpu --dtype float32`, `run DIR --device cpu`.
 """
 
@@ -27,14 +30,17 @@ import logging
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_params import step_bytes  # noqa: E402
+
 logger = logging.getLogger("bench_roofline")
 
-# config.json values of the released checkpoints (allenai/OLMoE-1B-7B-0924, Qwen/Qwen3-30B-A3B).
+# config.json values of the released checkpoints (allenai/OLMoE-1B-7B-0924, Qwen/Qwen3-30B-A3B,
+# deepseek-ai/DeepSeek-V2-Lite).
 SHAPES: dict[str, tuple[str, dict]] = {
     "olmoe-1b-7b": ("olmoe", dict(
         hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8, num_hidden_layers=16,
@@ -47,6 +53,18 @@ SHAPES: dict[str, tuple[str, dict]] = {
         max_position_embeddings=40960, rms_norm_eps=1e-6, norm_topk_prob=True, tie_word_embeddings=False,
         decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # MLA (q_lora_rank None: a plain q_proj), 64 routed experts + 2 shared, top-6 softmax routing without
+    # renormalisation, the first layer dense; YaRN RoPE. head_dim is transformers 5's name for the rotary dimension.
+    "deepseek-v2-lite": ("deepseek_v2", dict(
+        hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, num_hidden_layers=27,
+        num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, head_dim=64, vocab_size=102400, max_position_embeddings=163840,
+        rms_norm_eps=1e-6, norm_topk_prob=False, topk_method="greedy", n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, attention_bias=False, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707,
+                         "original_max_position_embeddings": 4096})),
     # Not a real model: an OLMoE-style shape small enough for a CPU (the script's code path, a CPU serving run).
     "olmoe-mini": ("olmoe", dict(
         hidden_size=256, intermediate_size=128, num_experts=16, num_experts_per_tok=4, num_hidden_layers=4,
@@ -88,27 +106,6 @@ def make(shape: str, out_dir: Path, num_layers: int | None, dtype: torch.dtype, 
     model.save_pretrained(out_dir)
     logger.info("wrote a random %s (%d layers, %s) to %s", shape, fields["num_hidden_layers"], dtype, out_dir)
     return out_dir
-
-
-@dataclass
-class StepBytes:
-    weights: float  # bytes of weights one decode step reads
-    kv: float  # bytes of KV cache one decode step reads
-
-
-def step_bytes(config, batch: int, context: float, dtype_bytes: int) -> StepBytes:
-    """What one decode step of `batch` sequences at mean `context` reads (see the module docstring)."""
-    h, layers = config.hidden_size, config.num_hidden_layers
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    d = getattr(config, "head_dim", None) or h // heads
-    experts, k = config.num_experts, config.num_experts_per_tok
-    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    attention = h * heads * d * 2 + h * kv_heads * d * 2 + 2 * h + 2 * d  # q, o, k, v, two norms, q/k norms (upper)
-    touched = experts * (1 - (1 - k / experts) ** batch)
-    per_layer = attention + experts * h + touched * 3 * h * inter
-    weights = layers * per_layer + config.vocab_size * h + h + batch * h  # + lm_head, final norm, embedding rows
-    kv = layers * batch * context * 2 * kv_heads * d
-    return StepBytes(weights * dtype_bytes, kv * dtype_bytes)
 
 
 def _sync(device: str) -> None:
@@ -229,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir", type=Path)
     m.add_argument("--num-layers", type=int, default=None, help="fewer layers than the real model (disk, memory)")
     m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    m.add_argument("--device", default="cuda", help="where the weights are initialised (cuda is much faster)")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the weights are initialised (cuda is much faster; default: cuda if there is one)")  # fmt: skip
     m.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("run", help="decode step time against the roofline")
     r.add_argument("model_dir", type=Path)
@@ -239,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--context", type=int, nargs="+", default=[512, 2048], help="prompt tokens of each sequence")
     r.add_argument("--steps", type=int, default=32, help="timed decode steps per (B, context)")
     r.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the buffer the bandwidth copy uses")
-    r.add_argument("--enforce-eager", action="store_true",
-                   help="the engine without CUDA graphs (EngineConfig.enforce_eager)")
+    r.add_argument(
+        "--enforce-eager", action="store_true", help="the engine without CUDA graphs (EngineConfig.enforce_eager)"
+    )
     r.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
     return p
 
