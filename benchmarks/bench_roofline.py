@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-layers", type=int, default=None, help="fewer layers than the real model (disk, memory)")
     m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the weights are initialised (cuda is much faster; default: cuda if there is one)")  # fmt: skip
+                   help="where the weights are initialised (cuda, where there is one, is much faster)")  # fmt: skip
     m.add_argument("--seed", type=int, default=0)
     r = sub.add_parser("run", help="decode step time against the roofline")
     r.add_argument("model_dir", type=Path)
