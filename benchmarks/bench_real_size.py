@@ -193,7 +193,7 @@ def serving_runs(args, shape: str, model_type: str, dtype: str, threads: int, mo
     for i, (systems, group_cells, why) in enumerate(groups):
         if MOESERVE not in systems and not peers:
             continue
-        out = args.out_dir / "serving" / f"{shape}-{dtype}-t{threads}" + ("" if i == 0 else f"-{i}")
+        out = args.out_dir / "serving" / (f"{shape}-{dtype}-t{threads}" + ("" if i == 0 else f"-{i}"))
         cmd = [sys.executable, str(HERE / "bench_serving.py"), "--model", str(model_dir), "--systems", *systems,
                "--only-peer-cells", "--peer-cells", *group_cells, "--dtype", dtype, "--threads", str(threads),
                "--prompt-len", str(args.prompt_len), "--out-len", str(args.out_len), "--reps", str(args.reps),
