@@ -330,14 +330,15 @@ def markdown(report: dict) -> str:
     if report["thread_scaling"]:
         threads = sorted({int(t) for s in report["thread_scaling"] for t in s["tok_s"]})
         lines += ["", "### Thread scaling (offline engine, tokens/s)", "",
-                  "| shape | dtype | " + " | ".join(f"{t} threads" for t in threads) + " | " +
-                  " | ".join(f"{t} / {threads[0]}" for t in threads[1:]) + " |",
+                  "| shape | dtype | " + " | ".join([f"{t} threads" for t in threads] +
+                                                     [f"{t} / {threads[0]}" for t in threads[1:]]) + " |",
                   "|---|---|" + "---:|" * (2 * len(threads) - 1)]  # fmt: skip
         for s in report["thread_scaling"]:
             tok = {int(t): v for t, v in s["tok_s"].items()}
             ratio = {int(t): v for t, v in s["ratio"].items()}
-            lines.append(f"| {s['shape']} | {s['dtype']} | " + " | ".join(_f(tok.get(t)) for t in threads) + " | "
-                         + " | ".join(_f(ratio.get(t), 2) for t in threads[1:]) + " |")  # fmt: skip
+            lines.append(f"| {s['shape']} | {s['dtype']} | " + " | ".join([_f(tok.get(t)) for t in threads] +
+                                                                          [_f(ratio.get(t), 2) for t in threads[1:]])
+                         + " |")  # fmt: skip
     notes = sorted({why for r in report["rows"] for why in r["peers_skipped"].values()})
     errors = [e for r in report["rows"] for e in r["errors"]]
     if notes or errors:

@@ -76,6 +76,7 @@ def check_attention_lora(adapters: dict[str, Path]) -> None:
         config = json.loads((Path(path) / "adapter_config.json").read_text())
         targets = config.get("target_modules") or []
         targets = {targets} if isinstance(targets, str) else set(targets)
+        targets = {t.rsplit(".", 1)[-1] for t in targets}  # PEFT matches suffixes: self_attn.q_proj is q_proj
         if config.get("peft_type") != "LORA" or not targets or not targets <= ATTENTION:
             raise ValueError(f"adapter {name} ({path}) is {config.get('peft_type')} on {sorted(targets)}: the peers "
                              "serve plain LoRA on q_proj/k_proj/v_proj/o_proj only")  # fmt: skip

@@ -72,8 +72,9 @@ def _report() -> dict:
     peaks["2"] = peaks["1"] | {"threads": 2}
     machine = {"cpu": "test cpu", "cores": "2", "date": "today", "commit": "abc", "torch": torch.__version__}
     config = {"n": 32, "prompt_len": 120, "out_len": 32, "reps": 1, "offline_reps": 1}
+    models = {"olmoe-1b-7b": {"layers": 1, "params": 6e8, "dir": "/m", "memory_gib": 9.0}}
     return {"command": "bench_real_size.py run", "machine": machine, "config": config, "machine_peaks": peaks,
-            "models": {"olmoe-1b-7b": {"layers": 1, "params": 6e8, "dir": "/m", "memory_gib": 9.0}}, "runs": runs}  # fmt: skip
+            "models": models, "runs": runs}  # fmt: skip
 
 
 def test_report_rows_ratios_rooflines_and_thread_scaling(tmp_path):

@@ -75,6 +75,7 @@ def test_peer_cells_and_attention_only_adapters(tmp_path):
         return tmp_path / name
 
     serving_peers.check_attention_lora({"a": adapter("attn", ["q_proj", "k_proj", "v_proj", "o_proj"])})
+    serving_peers.check_attention_lora({"s": adapter("suffixes", ["self_attn.q_proj", "self_attn.o_proj"])})
     with pytest.raises(ValueError, match="plain LoRA on q_proj"):
         serving_peers.check_attention_lora({"b": adapter("ffn", ["q_proj", "up_proj"])})
 
