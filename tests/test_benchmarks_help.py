@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 SCRIPTS = sorted(p for p in (Path(__file__).resolve().parent.parent / "benchmarks").glob("*.py"))
-MODULES = {"serving_client", "serving_peers", "serving_timings", "serving_workload", "baselines", "moe_shapes"}
+MODULES = {"serving_client", "serving_peers", "serving_timings", "serving_workload", "baselines", "moe_shapes",
+           "model_params", "machine_peaks"}  # fmt: skip
 
 
 @pytest.mark.parametrize("script", [p for p in SCRIPTS if p.stem not in MODULES], ids=lambda p: p.stem)
