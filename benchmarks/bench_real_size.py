@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import subprocess
 import sys
@@ -95,13 +96,22 @@ def ensure_checkpoint(shape: str, layers: int, dtype: str, models_dir: Path) -> 
     """bench_roofline.py make, in a process of its own (its memory goes back before anything is measured)."""
     out = models_dir / f"{shape}-{layers}l-{dtype}"
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
-        logger.info("reusing %s", out)
-        return out
+        if _has_merges(out):
+            logger.info("reusing %s", out)
+            return out
+        # an older make wrote a word-level tokenizer, which llama.cpp cannot load; its GGUF files go with it
+        logger.info("remaking %s: its tokenizer has no BPE merges", out)
+        shutil.rmtree(models_dir / "work" / f"gguf-{out.name}", ignore_errors=True)
     cmd = [sys.executable, str(HERE / "bench_roofline.py"), "make", shape, str(out), "--num-layers", str(layers),
            "--dtype", dtype, "--device", "cpu"]  # fmt: skip
     logger.info("making %s", out)
     subprocess.run(cmd, check=True)
     return out
+
+
+def _has_merges(model_dir: Path) -> bool:
+    path = model_dir / "tokenizer.json"
+    return path.exists() and bool(json.loads(path.read_text())["model"].get("merges"))
 
 
 # --- offline engine ---

@@ -2,8 +2,8 @@
 DeepSeek-V2-Lite), written for a GPU; bench_real_size.py is the CPU benchmark over the same checkpoints.
 
   make  writes a random-weight checkpoint of a real model's shape (config.json values of the released model), in
-        bf16, with a word-level tokenizer that covers the whole vocabulary (every id decodes to text, so streamed
-        chunks count tokens); bench_serving.py takes its directory as --model.
+        bf16, with a byte-level BPE tokenizer that covers the whole vocabulary (every id decodes to ASCII text, so
+        streamed chunks count tokens; llama.cpp converts it); bench_serving.py takes its directory as --model.
   run   measures moeserve's decode step time at batch B and context C and compares it with the time to read, once,
         the bytes a decode step must read, at the memory bandwidth measured on the same device (a large
         device-to-device copy):
@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import statistics
+import string
 import sys
 import time
 from pathlib import Path
@@ -74,16 +75,42 @@ SHAPES: dict[str, tuple[str, dict]] = {
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>")
 
 
-def word_tokenizer(vocab_size: int, out_dir: Path):
-    """A word-level tokenizer with one word per id (`w123`), so any sampled id decodes to visible text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+# GPT-2's byte-to-character map on printable ASCII, space (Ġ) and newline (Ċ). Every token is then ASCII text, so each
+# decodes to complete UTF-8 on its own and a stream sends one chunk per token; a lone byte >= 0x80 would be held back.
+BASE_CHARS = [chr(c) for c in range(0x21, 0x7F)] + ["Ġ", "Ċ"]
+
+
+def bpe_tokenizer(vocab_size: int, out_dir: Path):
+    """A byte-level BPE covering the whole vocabulary, which llama.cpp's converter and llama-server accept (they need
+    merges). Pre-tokenizer: single digits + GPT-2's regex, moeserve's built-in one (llama.cpp's `refact`, the name
+    shared/peers/convert_hf_to_gguf_pre.py writes for an unknown hash).
+
+    Ids: the specials, BASE_CHARS, then words " a", " b", ..., " ZZ", " aaa", ... (a space and 1-4 ASCII letters,
+    shortest first), each one merge (the word less its last letter, the letter). Only these chains merge, so the text
+    of random word ids (" ab Xyz ...") splits back into the same words and encodes to the same ids; base characters
+    glue to their neighbours, they are 96 of the ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS)} | {f"w{i}": i for i in range(len(SPECIALS), vocab_size)}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS[0]))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    vocab = {t: i for i, t in enumerate([*SPECIALS, *BASE_CHARS])}
+    merges: list[tuple[str, str]] = []
+    words = ["Ġ"]
+    for left in words:  # grows while it is walked: breadth first
+        for letter in string.ascii_letters:
+            if len(vocab) == vocab_size:
+                break
+            vocab[left + letter] = len(vocab)
+            merges.append((left, letter))
+            words.append(left + letter)
+        if len(vocab) == vocab_size:
+            break
+    raw = Tokenizer(models.BPE(vocab, merges))
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    raw.pre_tokenizer = pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    raw.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=SPECIALS[3], eos_token=SPECIALS[0],
-                                  pad_token=SPECIALS[0], additional_special_tokens=list(SPECIALS[1:3]))  # fmt: skip
+                                  pad_token=SPECIALS[0], additional_special_tokens=list(SPECIALS[1:3]),
+                                  clean_up_tokenization_spaces=False)  # fmt: skip
     tok.save_pretrained(out_dir)
     return tok
 
@@ -97,7 +124,7 @@ def make(shape: str, out_dir: Path, num_layers: int | None, dtype: torch.dtype, 
     if num_layers is not None:
         fields["num_hidden_layers"] = num_layers
     out_dir.mkdir(parents=True, exist_ok=True)
-    word_tokenizer(fields["vocab_size"], out_dir)
+    bpe_tokenizer(fields["vocab_size"], out_dir)
     config = AutoConfig.for_model(model_type, bos_token_id=3, eos_token_id=0, pad_token_id=0, **fields)
     torch.manual_seed(seed)
     with torch.device(device):

@@ -1,14 +1,15 @@
-"""The real-size benchmark's arithmetic and report (benchmarks/model_params.py, bench_real_size.py); nothing timed, no
-peers, no weights: configs only."""
+"""The real-size benchmark's arithmetic and report (benchmarks/model_params.py, bench_real_size.py) and its checkpoints'
+tokenizer (bench_roofline.py); nothing timed, no peers, no weights: configs only."""
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -23,6 +24,26 @@ def test_parameter_count_equals_transformers(shape):
         model = AutoModelForCausalLM.from_config(config)
     real = sum(p.numel() for p in model.parameters())
     assert abs(total_params(config) - real) <= 1e-4 * real  # Qwen3's per-head q/k norms are counted as an upper bound
+
+
+def test_tokenizer_covers_the_vocabulary_and_round_trips_random_prompts(tmp_path):
+    from bench_roofline import bpe_tokenizer
+    from serving_workload import prompt_vocab
+
+    bpe_tokenizer(50304, tmp_path)  # OLMoE's vocabulary size
+    AutoConfig.for_model("olmoe", vocab_size=50304).save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) == 50304 and tok.backend_tokenizer.get_vocab_size(with_added_tokens=False) == 50304
+    texts = [tok.decode([i]) for i in range(len(tok))]
+    assert all(t and t.isascii() for t in texts)  # one complete chunk per streamed token
+    vocab = prompt_vocab(tmp_path)
+    assert len(vocab) == 50304 - 4
+    rng = random.Random(0)
+    words = [i for i in vocab if texts[i].startswith(" ")]
+    prompt = [rng.choice(words) for _ in range(64)]
+    assert tok.encode(tok.decode(prompt), add_special_tokens=False) == prompt
+    prompt = [rng.choice(vocab) for _ in range(64)]
+    assert tok.decode(tok.encode(tok.decode(prompt), add_special_tokens=False)) == tok.decode(prompt)
 
 
 def test_mla_reads_the_compressed_latent_cache():
