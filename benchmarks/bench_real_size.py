@@ -189,17 +189,32 @@ def offline(model_dir: Path, dtype: str, threads: int, n: int, prompt_len: int, 
 # --- serving ---
 
 
-def serving_runs(args, shape: str, model_type: str, dtype: str, threads: int, model_dir: Path) -> list[dict]:
+def peer_cannot_load(peer: str, config) -> str | None:
+    """Why `peer` cannot load a checkpoint of this config at all, or None."""
+    layers = config.num_hidden_layers
+    # llama.cpp tells DeepSeek-V2-Lite (no q LoRA) from DeepSeek-V2 by the layer count alone (src/models/deepseek2.cpp:
+    # 26 or 27 layers); with other counts it asks for the q LoRA: "key not found in model:
+    # deepseek2.attention.q_lora_rank". So it is not even converted.
+    if peer == LLAMA and config.model_type == "deepseek_v2" and config.q_lora_rank is None and layers not in (26, 27):
+        return (f"{LLAMA} skipped: llama.cpp loads DeepSeek-V2-Lite only with its own 26 or 27 layers (it tells Lite "
+                f"from V2 by the layer count, else it asks for deepseek2.attention.q_lora_rank); this one has "
+                f"{layers}")  # fmt: skip
+    return None
+
+
+def serving_runs(args, shape: str, config, dtype: str, threads: int, model_dir: Path) -> list[dict]:
     """bench_serving.py's report(s) for one (shape, dtype, threads); the peers' unsupported cells run without them."""
-    peers = [s for s in args.systems if s != MOESERVE]
+    cannot = {p: why for p in args.systems if p != MOESERVE and (why := peer_cannot_load(p, config))}
+    systems_ok = [s for s in args.systems if s not in cannot]
+    peers = [s for s in systems_ok if s != MOESERVE]
     cells = list(args.peer_cells)
     adapter_cells = [c for c in cells if not c.lower().endswith("x0")]
-    groups = [(args.systems, cells, None)]
-    if peers and model_type in PEER_LORA_UNSUPPORTED and adapter_cells:
+    groups = [(systems_ok, cells, None)]
+    if peers and config.model_type in PEER_LORA_UNSUPPORTED and adapter_cells:
         base_cells = [c for c in cells if c not in adapter_cells]
-        groups = [(args.systems, base_cells, None)] if base_cells else []
-        groups.append(([MOESERVE], adapter_cells, PEER_LORA_UNSUPPORTED[model_type]))
-    reports = []
+        groups = [(systems_ok, base_cells, None)] if base_cells else []
+        groups.append(([MOESERVE], adapter_cells, PEER_LORA_UNSUPPORTED[config.model_type]))
+    reports = [{"peers_skipped": cannot, "cells": []}] if cannot else []  # recorded even where nothing runs
     for i, (systems, group_cells, why) in enumerate(groups):
         if MOESERVE not in systems and not peers:
             continue
@@ -370,7 +385,6 @@ def _layers_overrides(specs: list[str]) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from bench_roofline import SHAPES
     from bench_serving import machine_info, peer_paths
     from serving_peers import peer_missing
 
@@ -413,7 +427,7 @@ def run(args: argparse.Namespace) -> dict:
                     else:
                         entry["offline_error"] = f"offline run exited with {done.returncode}: {' '.join(cmd)}"
                 if not args.no_serving:
-                    entry["serving"] = serving_runs(args, shape, SHAPES[shape][0], dtype, threads, model_dir)
+                    entry["serving"] = serving_runs(args, shape, config, dtype, threads, model_dir)
                 report["runs"].append(entry)
                 _write(report, args.out_dir, config_of={s: shape_config(s, m["layers"])
                                                         for s, m in report["models"].items()})  # fmt: skip

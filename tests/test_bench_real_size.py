@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,6 +76,24 @@ def test_layers_that_fit_the_memory_budget():
     assert bench_real_size.layers_that_fit("olmoe-1b-7b", "float32", 3, 20.0, 2) == 2
     assert bench_real_size.layers_that_fit("olmoe-1b-7b", "bfloat16", 1, 20.0, 4) == 4
     assert bench_real_size.bench_n(["32x8", "32x0"]) == 32
+
+
+def test_llama_cpp_is_skipped_on_deepseek_v2_lite_with_fewer_layers(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(
+        bench_real_size.subprocess, "run", lambda cmd: commands.append(cmd) or SimpleNamespace(returncode=1)
+    )
+    args = SimpleNamespace(systems=["moeserve", "vllm", "llama-server"], peer_cells=["4x0", "4x2"], prompt_len=8,
+                           out_len=2, reps=1, models_dir=tmp_path, out_dir=tmp_path, max_seconds=60.0, run_timeout=60.0,
+                           peer_start_timeout=60.0)  # fmt: skip
+    config = bench_real_size.shape_config("deepseek-v2-lite", 2)
+    reports = bench_real_size.serving_runs(args, "deepseek-v2-lite", config, "bfloat16", 1, tmp_path / "m")
+    assert "deepseek2.attention.q_lora_rank" in reports[0]["peers_skipped"]["llama-server"]
+    assert commands and not any("llama-server" in cmd for cmd in commands)
+    assert (
+        bench_real_size.peer_cannot_load("llama-server", bench_real_size.shape_config("deepseek-v2-lite", 27)) is None
+    )
+    assert bench_real_size.peer_cannot_load("llama-server", bench_real_size.shape_config("olmoe-1b-7b", 1)) is None
 
 
 def _report() -> dict:
