@@ -234,7 +234,10 @@ def start_peers(stack: contextlib.ExitStack, args, model_dir: Path, pool: dict[s
         if why is None:
             try:
                 if system == VLLM:
-                    server = start_vllm(paths, model_dir, peer_pool, args.dtype, args.threads, args.peer_start_timeout)
+                    # on MLA that is also vLLM's token budget per step (start_vllm): the same as moeserve's
+                    max_len = max(args.max_num_batched_tokens, args.prompt_len + args.out_len)
+                    server = start_vllm(paths, model_dir, peer_pool, args.dtype, args.threads,
+                                        args.peer_start_timeout, max_len)  # fmt: skip
                 else:
                     server = start_llama(paths, model_dir, peer_pool, args.dtype, args.threads,
                                          max(c.n for c in peer_cells), args.work_dir / f"gguf-{model_dir.name}",

@@ -140,12 +140,17 @@ def _healthy(url: str) -> bool:
 
 @contextlib.contextmanager
 def start_vllm(paths: PeerPaths, model_dir: Path, adapters: dict[str, Path], dtype: str, threads: int,
-               timeout: float = 600.0) -> Iterator[tuple[str, Callable]]:  # fmt: skip
-    """vLLM's OpenAI server through start_vllm.sh; yields (base URL, request builder)."""
+               timeout: float = 600.0, max_model_len: int = 2048) -> Iterator[tuple[str, Callable]]:  # fmt: skip
+    """vLLM's OpenAI server through start_vllm.sh; yields (base URL, request builder).
+
+    max_model_len: at least the longest prompt + output sent. Left to vLLM it is the model's max_position_embeddings.
+    On MLA (DeepSeek) vLLM's CPU platform turns chunked prefill off and sets its token budget per step to
+    max(max_model_len, 2048), and its warm-up runs a batch of that many tokens: with DeepSeek-V2-Lite's 163840 the
+    server was still warming up after 6 min on 2 cores; with 2048 it served in about a minute."""
     check_attention_lora(adapters)
     port = _free_port()
     env = {**os.environ, "VLLM_VENV": str(paths.vllm_venv), "MODEL_DIR": str(model_dir), "SERVED_NAME": BASE,
-           "PORT": str(port), "DTYPE": dtype, "PYTHONSAFEPATH": "1"}  # fmt: skip
+           "PORT": str(port), "DTYPE": dtype, "PYTHONSAFEPATH": "1", "MAX_MODEL_LEN": str(max_model_len)}  # fmt: skip
     if threads > 0:
         env["THREADS"] = str(threads)
     if adapters:

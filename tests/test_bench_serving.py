@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -55,6 +56,22 @@ def test_peer_requests_pick_adapters_as_each_server_wants():
     for body in (base, serving_peers.vllm_body(None, prompt, 4)):
         assert body["prompt"] == prompt and body["max_tokens"] == 4 and body["temperature"] == 0.0
         assert body["ignore_eos"] and body["stream"] and body["stream_options"] == {"include_usage": True}
+
+
+def test_vllm_gets_a_max_model_len(tmp_path, monkeypatch):
+    started = {}
+
+    @contextlib.contextmanager
+    def server(cmd, env, name, ready, timeout):
+        started.update(env)
+        yield
+
+    monkeypatch.setattr(serving_peers, "_server", server)
+    paths = serving_peers.PeerPaths(tmp_path, tmp_path / "venv", tmp_path / "llama.cpp")
+    with serving_peers.start_vllm(paths, tmp_path / "model", {}, "bfloat16", 1, max_model_len=2048):
+        pass
+    # unset, vLLM takes max_position_embeddings (163840 on DeepSeek-V2-Lite) and its warm-up runs for minutes
+    assert started["MAX_MODEL_LEN"] == "2048"
 
 
 def test_peer_cells_and_attention_only_adapters(tmp_path):
