@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig
 
+from moeserve.kernels.vocab_projection import vocab_projection
 from moeserve.models.attention import Attention
 from moeserve.models.mla import MLAttention
 from moeserve.models.mlp import GatedMLP
@@ -92,4 +93,4 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [n, V] for the hidden states [n, H] the caller selected (usually each sequence's last token)."""
-        return self.lm_head(hidden)
+        return vocab_projection(hidden, self.lm_head.weight)
