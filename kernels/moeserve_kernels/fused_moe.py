@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.kernels.backend import use_triton
+from moeserve.kernels.linear import linear
 from moeserve.kernels.native import call_native, native_ready
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -135,9 +136,9 @@ def _loop(hidden, w13, w2, topk_weights, topk_ids, act) -> torch.Tensor:
             continue
         rows = token_of[start : start + count]
         x = hidden[rows]  # [n, H]
-        gate_up = x @ w13[expert].t()  # [n, 2I]
+        gate_up = linear(x, w13[expert])  # [n, 2I]
         h = act(gate_up[:, :inter]) * gate_up[:, inter:]  # [n, I]
-        y = (h @ w2[expert].t()) * weight_of[start : start + count, None].to(h.dtype)  # [n, H]
+        y = linear(h, w2[expert]) * weight_of[start : start + count, None].to(h.dtype)  # [n, H]
         out.index_add_(0, rows, y.to(out.dtype))
         start += count
     return out

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeserve.adapters.slot_batched_lora import (
@@ -37,6 +36,7 @@ from moeserve.adapters.slot_ia3 import Ia3Routing, bind_slot_ia3_native, native_
 from moeserve.adapters.weights import ModuleWeights
 from moeserve.forward_context import get_forward_context
 from moeserve.kernels.backend import use_triton
+from moeserve.kernels.linear import linear
 from moeserve.kernels.moe_lora import moe_lora
 
 
@@ -160,7 +160,7 @@ class AdaptedLinear(nn.Module):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen layer, without nn.Module's call machinery (it runs for every adapted linear of every step)."""
-        return F.linear(x, self.base.weight, self.base.bias)
+        return linear(x, self.base.weight, self.base.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()

@@ -8,6 +8,7 @@ from torch import nn
 from moeserve.forward_context import ForwardContext, get_forward_context
 from moeserve.kernels.paged_decode_attention import paged_decode_attention
 from moeserve.kernels.varlen_attention import store_kv, varlen_attention_torch
+from moeserve.models.linear import Linear
 from moeserve.models.norm import RMSNorm
 from moeserve.models.rotary_embedding import RotaryEmbedding
 from moeserve.models.spec import AttentionSpec
@@ -18,10 +19,10 @@ class Attention(nn.Module):
         super().__init__()
         self.spec = spec
         q_dim, kv_dim = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.q_proj = nn.Linear(hidden_size, q_dim, bias=spec.qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, kv_dim, bias=spec.qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, kv_dim, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, hidden_size, bias=spec.o_bias)
+        self.q_proj = Linear(hidden_size, q_dim, bias=spec.qkv_bias)
+        self.k_proj = Linear(hidden_size, kv_dim, bias=spec.qkv_bias)
+        self.v_proj = Linear(hidden_size, kv_dim, bias=spec.qkv_bias)
+        self.o_proj = Linear(q_dim, hidden_size, bias=spec.o_bias)
         if spec.qk_norm == "head":
             self.q_norm = RMSNorm(spec.head_dim, rms_norm_eps)
             self.k_norm = RMSNorm(spec.head_dim, rms_norm_eps)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig
 
-from moeserve.kernels.vocab_projection import vocab_projection
 from moeserve.models.attention import Attention
+from moeserve.models.linear import Linear
 from moeserve.models.mla import MLAttention
 from moeserve.models.mlp import GatedMLP
 from moeserve.models.moe import SparseMoeBlock
@@ -72,7 +72,7 @@ class DecoderForCausalLM(nn.Module):
         self.spec = self.spec_from_config(config)
         rotary = RotaryEmbedding(config, self.spec.rope)
         self.model = DecoderModel(self.spec, rotary)
-        self.lm_head = nn.Linear(self.spec.hidden_size, self.spec.vocab_size, bias=False)
+        self.lm_head = Linear(self.spec.hidden_size, self.spec.vocab_size, bias=False)
         if self.spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -93,4 +93,4 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [n, V] for the hidden states [n, H] the caller selected (usually each sequence's last token)."""
-        return vocab_projection(hidden, self.lm_head.weight)
+        return self.lm_head(hidden)

@@ -13,6 +13,7 @@ from torch import nn
 from moeserve.forward_context import ForwardContext, adapter_rows, forward_context, get_forward_context
 from moeserve.kernels.paged_decode_attention import paged_decode_attention
 from moeserve.kernels.varlen_attention import kv_slots, store_kv, varlen_attention_torch
+from moeserve.models.linear import Linear
 from moeserve.models.norm import RMSNorm
 from moeserve.models.rotary_embedding import RotaryEmbedding
 from moeserve.models.spec import MLASpec
@@ -24,18 +25,18 @@ class MLAttention(nn.Module):
         self.spec = spec
         qk_head_dim = spec.qk_nope_head_dim + spec.qk_rope_head_dim
         if spec.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden_size, spec.num_heads * qk_head_dim, bias=False)
+            self.q_proj = Linear(hidden_size, spec.num_heads * qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden_size, spec.q_lora_rank, bias=spec.bias)
+            self.q_a_proj = Linear(hidden_size, spec.q_lora_rank, bias=spec.bias)
             # DeepSeek's inner norms keep the default eps (1e-6) whatever rms_norm_eps says, as transformers does.
             self.q_a_layernorm = RMSNorm(spec.q_lora_rank)
-            self.q_b_proj = nn.Linear(spec.q_lora_rank, spec.num_heads * qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, spec.kv_lora_rank + spec.qk_rope_head_dim, bias=spec.bias)
+            self.q_b_proj = Linear(spec.q_lora_rank, spec.num_heads * qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden_size, spec.kv_lora_rank + spec.qk_rope_head_dim, bias=spec.bias)
         self.kv_a_layernorm = RMSNorm(spec.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(
+        self.kv_b_proj = Linear(
             spec.kv_lora_rank, spec.num_heads * (spec.qk_nope_head_dim + spec.v_head_dim), bias=False
         )
-        self.o_proj = nn.Linear(spec.num_heads * spec.v_head_dim, hidden_size, bias=spec.bias)
+        self.o_proj = Linear(spec.num_heads * spec.v_head_dim, hidden_size, bias=spec.bias)
         self.rotary = rotary
         # The paged latent cache of this layer, [N, S, 1, kv_lora_rank + qk_rope_head_dim]; set by the runner.
         self.kv_cache: torch.Tensor | None = None

@@ -7,6 +7,7 @@ from torch import nn
 
 from moeserve.forward_context import get_forward_context
 from moeserve.kernels import ACTIVATIONS, fused_moe
+from moeserve.models.linear import Linear
 from moeserve.models.mlp import GatedMLP
 from moeserve.models.router import Router
 from moeserve.models.spec import MoESpec
@@ -33,7 +34,7 @@ class SparseMoeBlock(nn.Module):
         if spec.shared_intermediate_size:
             self.shared_experts = GatedMLP(hidden_size, spec.shared_intermediate_size, hidden_act, spec.shared_bias)
         if spec.shared_expert_gate:
-            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+            self.shared_expert_gate = Linear(hidden_size, 1, bias=False)
         # ESFT adapters' expert overlay (moeserve.adapters.expert_overlay), installed by the adapter manager.
         self.overlay: nn.Module | None = None
         # LoRA on the routed experts (moeserve.adapters.expert_lora_slots), installed by the adapter manager.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moeserve.kernels.linear import linear
 from moeserve.kernels.softmax_topk import softmax_topk
 from moeserve.models.spec import RouterSpec
 
@@ -39,7 +40,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         spec = self.spec
-        logits = x.float() @ self.weight.float().t()  # [T, E]
+        logits = linear(x.float(), self.weight.float())  # [T, E]
         if self.lora is not None:
             self.lora(x, logits)
         if spec.scoring == "softmax" and not spec.correction_bias and spec.n_group <= 1:
