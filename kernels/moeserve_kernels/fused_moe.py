@@ -173,7 +173,8 @@ def fused_moe_native(
     activation: str = "silu",
 ) -> torch.Tensor:
     """The native CPU kernel (csrc/fused_moe_cpu.c), same signature and semantics; float32 or bfloat16 (hidden and
-    tables of one dtype; bf16 computed in float32 and rounded once), SiLU only (native_fits says when it applies).
+    tables of one dtype; bf16 summed in float32 and rounded once, through vdpbf16ps with the activations rounded to
+    bf16 where the CPU has AVX512-BF16: csrc/dpbf16.h), SiLU only (native_fits says when it applies).
     Each token's result is independent of the rest of the batch and of the thread count."""
     if activation != "silu":
         raise ValueError(f"the native fused MoE kernel runs SiLU experts only, not {activation!r}")

@@ -16,7 +16,8 @@
  * bfloat16 (x, w13, w2 and out all bf16): on CPUs with AVX512-BF16 the dot products are vdpbf16ps over bf16 rows and
  * bf16 inputs (dpbf16.h; the activations rounded to bf16 between the projections, as in a bf16 model), else the
  * inputs and weights are widened to float (the weights in registers) for the float32 call's arithmetic on the widened
- * tensors; either way every sum is float and out is rounded once. moeserve_fused_moe_bf16_products says which. native.py builds and loads it; fused_moe.py dispatches.
+ * tensors; either way every sum is float and out is rounded once. moeserve_fused_moe_bf16_products says which.
+ * native.py builds and loads it; fused_moe.py dispatches.
  */
 #include <stdint.h>
 #include <stdlib.h>

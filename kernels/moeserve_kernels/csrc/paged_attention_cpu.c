@@ -27,18 +27,14 @@ typedef struct {
     float *scratch; /* per thread: scores [G, max_len], acc [G, Dv], query [G, D], 8 widened rows [8, max(D, Dv)] */
 } attn_job;
 
-/* The 8 cache rows of positions pos .. pos + 7 (head h), widened into buf when the cache is bf16. */
-static void eight_rows(const attn_job *j, const void *cache, const int32_t *table, int64_t pos, int64_t sn,
-                       int64_t ss, int64_t sh, int64_t h, int64_t dim, float *buf, const float *rows[8]) {
-    for (int i = 0; i < 8; i++) {
-        const int64_t off = table[(pos + i) / j->block_size] * sn + ((pos + i) % j->block_size) * ss + h * sh;
-        if (j->bf16) {
-            widen_bf16((const uint16_t *)cache + off, buf + i * dim, dim);
-            rows[i] = buf + i * dim;
-        } else {
-            rows[i] = (const float *)cache + off;
-        }
-    }
+/* The cache row of position pos of a sequence (head h, dim elements) as float: in place, or widened into buf when
+ * the cache is bf16. */
+static const float *cache_row(const attn_job *j, const void *cache, const int32_t *table, int64_t pos, int64_t sn,
+                              int64_t ss, int64_t sh, int64_t h, int64_t dim, float *buf) {
+    const int64_t off = table[pos / j->block_size] * sn + (pos % j->block_size) * ss + h * sh;
+    if (!j->bf16) return (const float *)cache + off;
+    widen_bf16((const uint16_t *)cache + off, buf, dim);
+    return buf;
 }
 
 static void attn_item(void *ctx, int64_t item, int thread) {
@@ -55,18 +51,16 @@ static void attn_item(void *ctx, int64_t item, int thread) {
     const float *rows[8];
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) { /* eight keys at a time: one transposed reduction of their dot products */
-        eight_rows(j, j->k_cache, table, start + i, j->k_sn, j->k_ss, j->k_sh, h, D, rowbuf, rows);
+        for (int r = 0; r < 8; r++)
+            rows[r] = cache_row(j, j->k_cache, table, start + i + r, j->k_sn, j->k_ss, j->k_sh, h, D, rowbuf + r * D);
         for (int64_t g = 0; g < G; g++) {
             float *sc = scores + g * max_len + i;
             vdot8rows(rows, qh + g * D, D, sc);
             for (int r = 0; r < 8; r++) sc[r] *= j->scale;
         }
     }
-    for (; i < n; i++) { /* the last keys, one at a time (eight_rows reads only the first when widening one) */
-        const int64_t pos = start + i;
-        const int64_t off = table[pos / j->block_size] * j->k_sn + (pos % j->block_size) * j->k_ss + h * j->k_sh;
-        const float *k = (const float *)j->k_cache + off;
-        if (j->bf16) widen_bf16((const uint16_t *)j->k_cache + off, rowbuf, D), k = rowbuf;
+    for (; i < n; i++) { /* the last keys, one at a time */
+        const float *k = cache_row(j, j->k_cache, table, start + i, j->k_sn, j->k_ss, j->k_sh, h, D, rowbuf);
         for (int64_t g = 0; g < G; g++) scores[g * max_len + i] = vdot(qh + g * D, k, D) * j->scale;
     }
     for (int64_t g = 0; g < G; g++) {
@@ -77,14 +71,12 @@ static void attn_item(void *ctx, int64_t item, int thread) {
     }
     memset(acc, 0, (size_t)(G * Dv) * sizeof(float));
     for (i = 0; i + 8 <= n; i += 8) { /* eight values per pass over each head's accumulator, in key order */
-        eight_rows(j, j->v_cache, table, start + i, j->v_sn, j->v_ss, j->v_sh, h, Dv, rowbuf, rows);
+        for (int r = 0; r < 8; r++)
+            rows[r] = cache_row(j, j->v_cache, table, start + i + r, j->v_sn, j->v_ss, j->v_sh, h, Dv, rowbuf + r * Dv);
         for (int64_t g = 0; g < G; g++) vaxpy8rows(rows, scores + g * max_len + i, acc + g * Dv, Dv);
     }
     for (; i < n; i++) {
-        const int64_t pos = start + i;
-        const int64_t off = table[pos / j->block_size] * j->v_sn + (pos % j->block_size) * j->v_ss + h * j->v_sh;
-        const float *v = (const float *)j->v_cache + off;
-        if (j->bf16) widen_bf16((const uint16_t *)j->v_cache + off, rowbuf, Dv), v = rowbuf;
+        const float *v = cache_row(j, j->v_cache, table, start + i, j->v_sn, j->v_ss, j->v_sh, h, Dv, rowbuf);
         for (int64_t g = 0; g < G; g++) {
             const float p = scores[g * max_len + i];
             float *a = acc + g * Dv;

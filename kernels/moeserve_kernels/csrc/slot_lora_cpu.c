@@ -1,5 +1,5 @@
-/* LoRA-expert deltas of a step's adapters on CPU, float32, over the caller's threads: every token's routed (or plain) LoRA on one
- * linear layer, in one call, with no padding and no per-adapter loop on the Python side.
+/* LoRA-expert deltas of a step's adapters on CPU, float32, over the caller's threads: every token's routed (or plain)
+ * LoRA on one linear layer, in one call, with no padding and no per-adapter loop on the Python side.
  *
  * The tables are slot_batched_lora's SlotTables (moeserve/adapters/slot_batched_lora.py), one row p per adapter of
  * the step: w_in [P, E + E*r, in] (router rows, then A's E*r rows; just A's r rows when no adapter routes), lora_b

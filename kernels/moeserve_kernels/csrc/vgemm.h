@@ -61,7 +61,8 @@ static inline void VG_NAME(vdot4x2)(const VG_T *w, int64_t ld, const float *x0, 
     int64_t h = 0;
     for (; h + 8 <= n; h += 8) {
         v8f y0 = load8(x0 + h), y1 = load8(x1 + h);
-        v8f r0 = VG_LOAD8(w + h), r1 = VG_LOAD8(w + ld + h), r2 = VG_LOAD8(w + 2 * ld + h), r3 = VG_LOAD8(w + 3 * ld + h);
+        v8f r0 = VG_LOAD8(w + h), r1 = VG_LOAD8(w + ld + h);
+        v8f r2 = VG_LOAD8(w + 2 * ld + h), r3 = VG_LOAD8(w + 3 * ld + h);
         a00 += r0 * y0; a01 += r0 * y1;
         a10 += r1 * y0; a11 += r1 * y1;
         a20 += r2 * y0; a21 += r2 * y1;
@@ -82,14 +83,16 @@ static inline void VG_NAME(vdot4x2)(const VG_T *w, int64_t ld, const float *x0, 
 #ifdef MOESERVE_AVX512
 /* vdot4x2 for four tokens (16 accumulators, in 32 registers: half the reads of the rows), per (row, token) the same
  * arithmetic. */
-static inline void VG_NAME(vdot4x4)(const VG_T *w, int64_t ld, const float *x, int64_t ldx, int64_t n, float *y, int64_t ldy) {
+static inline void VG_NAME(vdot4x4)(const VG_T *w, int64_t ld, const float *x, int64_t ldx, int64_t n, float *y,
+                                    int64_t ldy) {
     const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
     v8f a00 = {0}, a01 = {0}, a02 = {0}, a03 = {0}, a10 = {0}, a11 = {0}, a12 = {0}, a13 = {0};
     v8f a20 = {0}, a21 = {0}, a22 = {0}, a23 = {0}, a30 = {0}, a31 = {0}, a32 = {0}, a33 = {0};
     int64_t h = 0;
     for (; h + 8 <= n; h += 8) {
         v8f y0 = load8(x0 + h), y1 = load8(x1 + h), y2 = load8(x2 + h), y3 = load8(x3 + h);
-        v8f r0 = VG_LOAD8(w + h), r1 = VG_LOAD8(w + ld + h), r2 = VG_LOAD8(w + 2 * ld + h), r3 = VG_LOAD8(w + 3 * ld + h);
+        v8f r0 = VG_LOAD8(w + h), r1 = VG_LOAD8(w + ld + h);
+        v8f r2 = VG_LOAD8(w + 2 * ld + h), r3 = VG_LOAD8(w + 3 * ld + h);
         a00 += r0 * y0; a01 += r0 * y1; a02 += r0 * y2; a03 += r0 * y3;
         a10 += r1 * y0; a11 += r1 * y1; a12 += r1 * y2; a13 += r1 * y3;
         a20 += r2 * y0; a21 += r2 * y1; a22 += r2 * y2; a23 += r2 * y3;
@@ -109,8 +112,8 @@ static inline void VG_NAME(vdot4x4)(const VG_T *w, int64_t ld, const float *x, i
 
 /* y[p, r] = w[r] . x[p] for rows r < rows (stride ld) and the n_tok vectors x[p] (stride ldx), into y (stride
  * ldy). */
-static inline void VG_NAME(vgemm_rows)(const VG_T *w, int64_t rows, int64_t ld, const float *x, int64_t n_tok, int64_t ldx,
-                              int64_t n, float *y, int64_t ldy) {
+static inline void VG_NAME(vgemm_rows)(const VG_T *w, int64_t rows, int64_t ld, const float *x, int64_t n_tok,
+                                       int64_t ldx, int64_t n, float *y, int64_t ldy) {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
         const VG_T *wr = w + r * ld;
