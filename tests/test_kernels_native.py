@@ -273,6 +273,20 @@ def test_every_exported_function_has_its_argument_types():
         assert tuple(getattr(lib, name).argtypes) == argtypes
 
 
+def routed_slot_tables(g, experts, rank, din, dout, *, own, top_k, renorm, ranks):
+    """SlotTables of routed LoRA experts, one adapter row per entry of own (its expert count), top_k, renorm, ranks;
+    random router, A and B rows."""
+    from moeserve.adapters.slot_batched_lora import SlotTables
+
+    rows = len(own)
+    ints = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    return SlotTables(
+        torch.randn(rows, experts + experts * rank, din, generator=g),
+        torch.randn(rows, experts * rank, dout, generator=g),
+        experts, rank, True, None, None, None, False, ints(own), ints(top_k), ints(renorm), ints(ranks),
+    )  # fmt: skip
+
+
 def test_slot_lora_refuses_rows_outside_the_tables():
     """Values of the native LoRA path are in tests/test_lora_slots.py (every CPU path of a step); here its guard."""
     from moeserve.adapters.slot_batched_lora import SlotTables, slot_lora_native
@@ -297,15 +311,13 @@ def test_slot_lora_token_does_not_depend_on_its_batch():
     """Bitwise: a token's delta alone, or grouped with other tokens of its adapter (odd and even counts), soft and
     top-k routing and plain LoRA. The soft adapter at full size (row 0) takes the reduction-free path from the
     transposed inputs; its deltas are also checked against the definition."""
-    from moeserve.adapters.slot_batched_lora import SlotTables, slot_lora_native
+    from moeserve.adapters.slot_batched_lora import slot_lora_native
 
     g = torch.Generator().manual_seed(5)
     experts, rank, din, dout = 3, 4, 24, 20
+    tables = routed_slot_tables(g, experts, rank, din, dout, own=(3, 3, 1), top_k=(3, 2, 1), renorm=(0, 1, 0),
+                                ranks=(4, 3, 2))  # fmt: skip
     ints = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-    tables = SlotTables(
-        torch.randn(3, experts + experts * rank, din, generator=g), torch.randn(3, experts * rank, dout, generator=g),
-        experts, rank, True, None, None, None, False, ints(3, 3, 1), ints(3, 2, 1), ints(0, 1, 0), ints(4, 3, 2),
-    )  # fmt: skip
     rows = ints(0, 1, 2, 0, 0, 1, 2, 2, 1, 0, 0, 0, 0, 1)  # adapter 0: 7 tokens (blocks of 4, 2 and 1 where wide)
     x = torch.randn(rows.shape[0], din, generator=g)
     batched = torch.zeros(rows.shape[0], dout)
@@ -560,15 +572,11 @@ def test_paged_attention_bf16_is_float32_on_the_widened_operands(case):
 
 def test_slot_lora_is_bitwise_the_same_at_any_thread_count(threads):
     """Many tokens over three adapters (soft at full size, top-k, plain-sized), chunked over the threads."""
-    from moeserve.adapters.slot_batched_lora import SlotTables, slot_lora_native
+    from moeserve.adapters.slot_batched_lora import slot_lora_native
 
     g = torch.Generator().manual_seed(9)
-    experts, rank, din, dout = 4, 8, 256, 192
-    ints = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-    tables = SlotTables(
-        torch.randn(3, experts + experts * rank, din, generator=g), torch.randn(3, experts * rank, dout, generator=g),
-        experts, rank, True, None, None, None, False, ints(4, 4, 2), ints(4, 2, 1), ints(0, 1, 0), ints(8, 8, 4),
-    )  # fmt: skip
+    tables = routed_slot_tables(g, 4, 8, 256, 192, own=(4, 4, 2), top_k=(4, 2, 1), renorm=(0, 1, 0), ranks=(8, 8, 4))
+    din, dout = 256, 192
     rows = torch.randint(-1, 3, (90,), generator=g, dtype=torch.int32)
     x = torch.randn(90, din, generator=g)
 
